@@ -1,0 +1,355 @@
+//! Wiring: registry, listeners, admin, drain supervisor.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::Shared;
+use crate::registry::Registry;
+use crate::server::listener;
+use crate::shutdown::{Phase, Shutdown, Tracker};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener or the admin port could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The config could not be turned into running state.
+    #[error("{0}")]
+    Build(String),
+}
+
+/// Why a reload was refused; the running config is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    #[error("{0}")]
+    Build(String),
+}
+
+/// A started proxy. Dropping it does not stop it; call [`RunningProxy::drain`].
+pub struct RunningProxy {
+    listeners: Vec<(String, SocketAddr)>,
+    admin_addr: SocketAddr,
+    core: Arc<Core>,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+/// What reloads and the supervisor share.
+struct Core {
+    shared: Arc<Shared>,
+    registry: Registry,
+    admin: Arc<AdminState>,
+    generation: AtomicU64,
+    /// Serializes reloads (build + swap) so generations stay ordered.
+    reload_lock: Mutex<()>,
+}
+
+/// Binds everything and starts serving on the current tokio runtime.
+pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::new(metrics.clone(), config.limits.max_in_flight);
+    let config = Arc::new(config);
+    let (snapshot, _) = registry
+        .build(config.clone(), 1, None)
+        .map_err(StartError::Build)?;
+    metrics.config_generation.set(1);
+    metrics.config_last_reload_success.set(1);
+    let shutdown = Shutdown::new();
+    let shared = Arc::new(Shared::new(snapshot, metrics, shutdown.clone()));
+
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let tcp = bind(l.bind).map_err(|source| StartError::Bind {
+            what: format!("listener `{}`", l.name),
+            addr: l.bind,
+            source,
+        })?;
+        let addr = tcp.local_addr().unwrap_or(l.bind);
+        bound.push((l.clone(), tcp, addr));
+    }
+    let admin_tcp = bind(config.admin.bind).map_err(|source| StartError::Bind {
+        what: "admin".into(),
+        addr: config.admin.bind,
+        source,
+    })?;
+    let admin_addr = admin_tcp.local_addr().unwrap_or(config.admin.bind);
+
+    let admin_state = Arc::new(AdminState {
+        shared: shared.clone(),
+        restart_required: Mutex::new(Vec::new()),
+    });
+    let core = Arc::new(Core {
+        shared: shared.clone(),
+        registry,
+        admin: admin_state.clone(),
+        generation: AtomicU64::new(1),
+        reload_lock: Mutex::new(()),
+    });
+
+    let conns = Arc::new(Tracker::default());
+    let admin_conns = Arc::new(Tracker::default());
+    let mut tasks = JoinSet::new();
+    let mut listeners = Vec::new();
+    for (cfg, tcp, addr) in bound {
+        tracing::info!(listener = %cfg.name, %addr, protocol = ?cfg.protocol, "listening");
+        listeners.push((cfg.name.clone(), addr));
+        tasks.spawn(listener::serve(tcp, cfg, shared.clone(), conns.clone()));
+    }
+    tracing::info!(%admin_addr, "admin listening");
+    tasks.spawn(admin::serve(admin_tcp, admin_state, admin_conns));
+
+    let supervisor = tokio::spawn(supervise(shared, conns, tasks, config.clone()));
+    Ok(RunningProxy {
+        listeners,
+        admin_addr,
+        core,
+        supervisor,
+    })
+}
+
+/// Drives the drain: grace (ready=503, still serving) -> stop accepting and
+/// close connections gracefully -> wait up to drain.timeout -> stopped.
+async fn supervise(
+    shared: Arc<Shared>,
+    conns: Arc<Tracker>,
+    mut tasks: JoinSet<()>,
+    config: Arc<Config>,
+) {
+    let shutdown = shared.shutdown.clone();
+    shutdown.reached(Phase::Draining).await;
+    let cfg = shared.snapshot.load().config.drain.clone();
+    tracing::info!(grace = ?cfg.grace.0, "draining: /ready is 503, still serving");
+    tokio::time::sleep(cfg.grace.0).await;
+    shutdown.advance(Phase::Stopping);
+    tracing::info!(timeout = ?cfg.timeout.0, open = conns.count(), "stopped accepting; waiting for in-flight requests");
+    let waited = tokio::time::timeout(cfg.timeout.0, async {
+        conns.idle().await;
+        shared.tunnels.idle().await;
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!(
+            open = conns.count(),
+            "drain timeout: closing remaining connections"
+        );
+    }
+    shutdown.advance(Phase::Stopped);
+    tasks.abort_all();
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            if !e.is_cancelled() {
+                tracing::error!(error = %e, "task failed");
+            }
+        }
+    }
+    drop(config);
+    tracing::info!("stopped");
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+// === impl RunningProxy ===
+
+impl RunningProxy {
+    /// The bound address of a listener (useful with port 0).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// All listeners with their bound addresses.
+    pub fn listener_addrs(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Begins graceful shutdown, exactly as SIGTERM does.
+    pub fn drain(&self) {
+        self.core.shared.shutdown.advance(Phase::Draining);
+    }
+
+    /// The config generation in effect.
+    pub fn generation(&self) -> u64 {
+        self.core.generation.load(Ordering::Acquire)
+    }
+
+    /// Applies a new validated config atomically for new requests. Requests in
+    /// flight finish under the config they started with; state survives by name.
+    /// Listener/admin changes need a restart: they are reported, not applied.
+    pub fn reload(&self, config: Config) -> Result<u64, ReloadError> {
+        self.core.reload(config)
+    }
+
+    /// Records a reload that failed before reaching [`RunningProxy::reload`] (invalid file).
+    pub fn reload_failed(&self, err: &ConfigError) {
+        self.core
+            .shared
+            .metrics
+            .config_reloads_total
+            .with_label_values(&["failure"])
+            .inc();
+        self.core.shared.metrics.config_last_reload_success.set(0);
+        for issue in &err.issues {
+            tracing::error!(%issue, "config reload rejected; the running config stays in effect");
+        }
+    }
+
+    /// Resolves when the proxy has fully stopped.
+    pub async fn stopped(self) {
+        if let Err(e) = self.supervisor.await {
+            tracing::error!(error = %e, "supervisor task failed");
+        }
+    }
+}
+
+impl Core {
+    fn reload(&self, config: Config) -> Result<u64, ReloadError> {
+        let _serial = self.reload_lock.lock();
+        let metrics = &self.shared.metrics;
+        let old = self.shared.snapshot.load_full();
+        let gen = self.generation.load(Ordering::Acquire) + 1;
+        let mut restart = Vec::new();
+        if old.config.listeners != config.listeners {
+            restart.push("listeners".to_string());
+        }
+        if old.config.admin != config.admin {
+            restart.push("admin".to_string());
+        }
+        if old.config.runtime != config.runtime {
+            restart.push("runtime".to_string());
+        }
+        match self.registry.build(Arc::new(config), gen, Some(&old)) {
+            Ok((snap, diff)) => {
+                self.shared.snapshot.store(Arc::new(snap));
+                self.generation.store(gen, Ordering::Release);
+                metrics.config_generation.set(gen as i64);
+                metrics
+                    .config_reloads_total
+                    .with_label_values(&["success"])
+                    .inc();
+                metrics.config_last_reload_success.set(1);
+                tracing::info!(generation = gen, added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed, "config reloaded");
+                if !restart.is_empty() {
+                    tracing::warn!(fields = ?restart, "these changes need a restart and were not applied");
+                }
+                *self.admin.restart_required.lock() = restart;
+                Ok(gen)
+            }
+            Err(e) => {
+                metrics
+                    .config_reloads_total
+                    .with_label_values(&["failure"])
+                    .inc();
+                metrics.config_last_reload_success.set(0);
+                tracing::error!(error = %e, "config reload failed; the running config stays in effect");
+                Err(ReloadError::Build(e))
+            }
+        }
+    }
+}
+
+/// Runs a started proxy as the `run` command does: SIGTERM/SIGINT drain it,
+/// SIGHUP and changes to the config file reload it. Returns when it stopped.
+pub async fn serve_signals_and_reloads(
+    proxy: RunningProxy,
+    path: std::path::PathBuf,
+) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signal handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signal handler: {e}"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("signal handler: {e}"))?;
+    let proxy = Arc::new(proxy);
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading config");
+                reload_file(&proxy, &path).await;
+                continue;
+            }
+        }
+        proxy.drain();
+        let p = proxy.clone();
+        // Wait for the drain to finish, or for a second signal.
+        let done = async move {
+            while p.core.shared.shutdown.phase() < Phase::Stopped {
+                p.core.shared.shutdown.reached(Phase::Stopped).await;
+            }
+        };
+        tokio::select! {
+            _ = done => break,
+            _ = term.recv() => { tracing::warn!("second signal: exiting now"); return Ok(()); }
+            _ = int.recv() => { tracing::warn!("second signal: exiting now"); return Ok(()); }
+        }
+    }
+    match Arc::try_unwrap(proxy) {
+        Ok(p) => p.stopped().await,
+        Err(_) => tracing::debug!("proxy still shared at exit"),
+    }
+    Ok(())
+}
+
+/// Reads, parses and validates the file off the async workers, then applies it.
+pub async fn reload_file(proxy: &RunningProxy, path: &std::path::Path) -> bool {
+    let p = path.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || crate::config::load_file(&p)).await;
+    match loaded {
+        Ok(Ok(l)) => {
+            for w in &l.warnings {
+                tracing::warn!(%w, "config warning");
+            }
+            proxy.reload(l.config).is_ok()
+        }
+        Ok(Err(e)) => {
+            proxy.reload_failed(&e);
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload task failed");
+            false
+        }
+    }
+}
+
+impl RunningProxy {
+    /// (in-flight, queue depth) of a route, for the demo's table.
+    pub fn route_load(&self, route: &str) -> Option<(usize, usize)> {
+        let snap = self.core.shared.snapshot.load();
+        let r = snap.routes.iter().find(|r| r.config.name == route)?;
+        let s = r.state.admission.stats();
+        Some((s.in_flight, s.queue_depth))
+    }
+}

@@ -1,0 +1,435 @@
+//! Configuration: parse -> validate -> typed [`Config`].
+//!
+//! `spillway check` and every reload go through [`load_file`], so what `check`
+//! accepts, a reload accepts. Every problem is reported at once, each with its
+//! file, line, column and field path.
+
+mod locate;
+pub(crate) mod schema;
+pub mod units;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use serde::Serialize;
+
+pub use units::{Dur, Size};
+
+/// Largest config file accepted; a sidecar config is a few KiB.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// A validated configuration. Only this type reaches the data path.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub version: u32,
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: AdminConfig,
+    pub runtime: RuntimeConfig,
+    pub limits: LimitsConfig,
+    pub drain: DrainConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// Where it came from (file name and a hash of its bytes).
+    pub source: SourceInfo,
+}
+
+/// Identity of the text a config was loaded from.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SourceInfo {
+    pub file: String,
+    /// FNV-1a 64 of the file's bytes, hex: tells whether a file event changed anything.
+    pub hash: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    Http1,
+    Http2,
+    Auto,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: ListenerProtocol,
+    pub tls: Option<ListenerTls>,
+    pub request_header_timeout: Dur,
+    pub idle_timeout: Dur,
+    pub max_connections: usize,
+    pub max_header_bytes: Size,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    #[serde(serialize_with = "redact")]
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RuntimeConfig {
+    /// `None` = auto (CPUs this process may use, cgroup quota respected).
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LimitsConfig {
+    pub max_in_flight: usize,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DrainConfig {
+    pub grace: Dur,
+    pub timeout: Dur,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `host:port` strings; hosts are resolved when connecting.
+    pub endpoints: Vec<String>,
+    pub tls: Option<UpstreamTls>,
+    pub connect_timeout: Dur,
+    pub pool: PoolConfig,
+    pub protocol: UpstreamProtocol,
+    pub circuit_breaker: Option<BreakerSettings>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct UpstreamTls {
+    pub server_name: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    #[serde(serialize_with = "redact_opt")]
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PoolConfig {
+    pub max_idle_per_endpoint: usize,
+    pub idle_timeout: Dur,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BreakerSettings {
+    pub failure_threshold: u32,
+    pub failure_rate: Option<FailureRateSettings>,
+    pub recovery_timeout: Dur,
+    pub half_open_calls: u32,
+    pub failure_on: FailureOn,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FailureRateSettings {
+    pub threshold: f64,
+    pub window: Dur,
+    pub min_requests: u32,
+}
+
+/// What counts as a breaker failure.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct FailureOn {
+    pub connect: bool,
+    pub timeout: bool,
+    #[serde(rename = "5xx")]
+    pub status_5xx: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    pub upstream: String,
+    pub concurrency: ConcurrencyConfig,
+    pub queue: QueueConfig,
+    pub timeouts: TimeoutsConfig,
+    pub retries: RetriesConfig,
+    pub shed: ShedConfig,
+    pub fallback: Option<FallbackConfig>,
+    pub max_request_body: Size,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MatchConfig {
+    pub path: PathMatch,
+    #[serde(serialize_with = "ser_methods")]
+    pub methods: Option<Vec<Method>>,
+    pub host: Option<String>,
+    #[serde(serialize_with = "ser_headers")]
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    Any,
+    Prefix(String),
+    Exact(String),
+    Regex(String),
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ConcurrencyConfig {
+    pub max_in_flight: usize,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueDiscipline {
+    Fifo,
+    AdaptiveLifo,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct QueueConfig {
+    pub max_depth: usize,
+    pub max_wait: Dur,
+    pub discipline: QueueDiscipline,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TimeoutsConfig {
+    pub request: Dur,
+    pub per_try: Option<Dur>,
+    pub response_body_idle: Dur,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RetriesConfig {
+    pub max_attempts: u32,
+    pub on: RetryOnConfig,
+    pub backoff: BackoffConfig,
+    pub budget: BudgetSettings,
+    pub max_buffered_body: Size,
+    #[serde(serialize_with = "ser_opt_header")]
+    pub idempotency_key_header: Option<HeaderName>,
+}
+
+/// Conditions that make an attempt retryable.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, Default)]
+pub struct RetryOnConfig {
+    pub connect: bool,
+    pub reset: bool,
+    pub timeout: bool,
+    pub statuses: Vec<u16>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BackoffConfig {
+    pub base: Dur,
+    pub max: Dur,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BudgetSettings {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ShedConfig {
+    pub status: u16,
+    pub retry_after: Dur,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FallbackConfig {
+    pub status: u16,
+    #[serde(serialize_with = "ser_headers")]
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: String,
+}
+
+/// A config that loaded, with its warnings.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<ConfigIssue>,
+}
+
+/// One problem (or warning) in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigIssue {
+    pub file: String,
+    pub line: Option<u64>,
+    pub column: Option<u64>,
+    /// Field path like `routes[2].queue.max_wait`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in a config file. Display prints one per line.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub issues: Vec<ConfigIssue>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// The upstream with this name.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Effective config as JSON for `/config` (secrets redacted by the serializers).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The one-line summary `spillway check` prints.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: ok ({} listener{}, {} upstream{}, {} route{})",
+            self.source.file,
+            self.listeners.len(),
+            plural(self.listeners.len()),
+            self.upstreams.len(),
+            plural(self.upstreams.len()),
+            self.routes.len(),
+            plural(self.routes.len()),
+        )
+    }
+
+    /// Timeout the whole process needs to drain.
+    pub fn drain_total(&self) -> Duration {
+        self.drain.grace.0 + self.drain.timeout.0
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+// === impl ConfigIssue ===
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if self.path.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+// === loading ===
+
+/// Reads, parses and validates a config file.
+pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
+    let file = path.display().to_string();
+    let whole = |message: String| ConfigError {
+        issues: vec![ConfigIssue {
+            file: file.clone(),
+            line: None,
+            column: None,
+            path: String::new(),
+            message,
+        }],
+    };
+    let meta = std::fs::metadata(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(whole(format!(
+            "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
+            meta.len()
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| whole(format!("not UTF-8: {e}")))?;
+    load_str(&text, &file)
+}
+
+/// Parses and validates config text; `source_name` is used in messages.
+pub fn load_str(text: &str, source_name: &str) -> Result<Loaded, ConfigError> {
+    validate::load(text, source_name)
+}
+
+/// FNV-1a: stable, dependency-free content hash for change detection (not security).
+pub fn content_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+// === serializers for /config ===
+
+fn redact<S: serde::Serializer>(_: &PathBuf, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("<redacted>")
+}
+
+fn redact_opt<S: serde::Serializer>(v: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_methods<S: serde::Serializer>(v: &Option<Vec<Method>>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(list) => s.collect_seq(list.iter().map(|m| m.as_str())),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_headers<S: serde::Serializer>(
+    v: &[(HeaderName, HeaderValue)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        v.iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("<binary>"))),
+    )
+}
+
+fn ser_opt_header<S: serde::Serializer>(v: &Option<HeaderName>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(h) => s.serialize_str(h.as_str()),
+        None => s.serialize_none(),
+    }
+}

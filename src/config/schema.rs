@@ -1,0 +1,231 @@
+//! Raw config as written in YAML. Every struct denies unknown fields; values that
+//! may come from `defaults:` are `Option` so that a route can be merged field by
+//! field. Raw types never reach the data path: `validate.rs` turns them into the
+//! typed `Config`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::units::{Dur, Size};
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub version: Option<u32>,
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub runtime: RawRuntime,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub drain: RawDrain,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub defaults: Option<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub name: String,
+    pub bind: String,
+    pub protocol: Option<String>,
+    pub tls: Option<RawListenerTls>,
+    pub request_header_timeout: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
+    pub max_connections: Option<u64>,
+    pub max_header_bytes: Option<Size>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenerTls {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub bind: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRuntime {
+    /// `auto` or a positive number.
+    pub worker_threads: Option<RawThreads>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawThreads {
+    Count(u64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_in_flight: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDrain {
+    pub grace: Option<Dur>,
+    pub timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstream {
+    pub endpoints: Vec<String>,
+    pub tls: Option<RawUpstreamTls>,
+    pub connect_timeout: Option<Dur>,
+    pub pool: Option<RawPool>,
+    pub protocol: Option<String>,
+    pub circuit_breaker: Option<RawBreaker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    pub server_name: Option<String>,
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPool {
+    pub max_idle_per_endpoint: Option<u64>,
+    pub idle_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBreaker {
+    pub failure_threshold: Option<u64>,
+    pub failure_rate: Option<RawFailureRate>,
+    pub recovery_timeout: Option<Dur>,
+    pub half_open_calls: Option<u64>,
+    pub failure_on: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFailureRate {
+    pub threshold: f64,
+    pub window: Option<Dur>,
+    pub min_requests: Option<u64>,
+}
+
+/// A route, and also the `defaults:` block (which may not set `name` or `match`).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub name: Option<String>,
+    #[serde(rename = "match")]
+    pub matcher: Option<RawMatch>,
+    pub upstream: Option<String>,
+    pub concurrency: Option<RawConcurrency>,
+    pub queue: Option<RawQueue>,
+    pub timeouts: Option<RawTimeouts>,
+    pub retries: Option<RawRetries>,
+    pub shed: Option<RawShed>,
+    pub fallback: Option<RawFallback>,
+    pub max_request_body: Option<Size>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub path_prefix: Option<String>,
+    pub path_exact: Option<String>,
+    pub path_regex: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub host: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConcurrency {
+    pub max_in_flight: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawQueue {
+    pub max_depth: Option<u64>,
+    pub max_wait: Option<Dur>,
+    pub discipline: Option<String>,
+}
+
+/// `per_try: null` is the same as leaving it out.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimeouts {
+    pub request: Option<Dur>,
+    pub per_try: Option<Dur>,
+    pub response_body_idle: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetries {
+    pub max_attempts: Option<u64>,
+    pub on: Option<Vec<RawRetryOn>>,
+    pub backoff: Option<RawBackoff>,
+    pub budget: Option<RawBudget>,
+    pub max_buffered_body: Option<Size>,
+    pub idempotency_key_header: Option<String>,
+}
+
+/// `on:` mixes words (`connect`) and status codes (`503`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub(crate) enum RawRetryOn {
+    Status(u64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBackoff {
+    pub base: Option<Dur>,
+    pub max: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBudget {
+    pub ratio: Option<f64>,
+    pub min_per_second: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawShed {
+    pub status: Option<u64>,
+    pub retry_after: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFallback {
+    pub status: Option<u64>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub body: Option<String>,
+}

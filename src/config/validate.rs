@@ -1,0 +1,1091 @@
+//! Raw -> typed config. Collects every problem before giving up, each with the
+//! field path and the line and column it is written at.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use super::locate::Locations;
+use super::schema::*;
+use super::*;
+
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Parse and validate; the single path shared by `check`, `run` and reload.
+pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
+    let locs = Locations::build(text);
+    let mut v = Validator {
+        file: file.to_string(),
+        locs: &locs,
+        issues: Vec::new(),
+        warnings: Vec::new(),
+    };
+    if text.trim().is_empty() {
+        v.error(
+            "",
+            "the file is empty: a config needs at least `version: 1` and one listener",
+        );
+        return Err(v.into_error());
+    }
+    let raw: RawConfig = match serde_saphyr::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            v.deserialize_error(&e);
+            return Err(v.into_error());
+        }
+    };
+    let config = v.config(&raw, text);
+    match config {
+        Some(config) if v.issues.is_empty() => Ok(Loaded {
+            config,
+            warnings: v.warnings,
+        }),
+        _ => Err(v.into_error()),
+    }
+}
+
+struct Validator<'a> {
+    file: String,
+    locs: &'a Locations,
+    issues: Vec<ConfigIssue>,
+    warnings: Vec<ConfigIssue>,
+}
+
+impl Validator<'_> {
+    fn issue(&self, path: &str, message: String) -> ConfigIssue {
+        let pos = self.locs.value(path);
+        ConfigIssue {
+            file: self.file.clone(),
+            line: pos.map(|p| p.line),
+            column: pos.map(|p| p.column),
+            path: path.to_string(),
+            message,
+        }
+    }
+
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        let issue = self.issue(path, message.into());
+        self.issues.push(issue);
+    }
+
+    fn warn(&mut self, path: &str, message: impl Into<String>) {
+        let issue = self.issue(path, message.into());
+        self.warnings.push(issue);
+    }
+
+    fn into_error(self) -> ConfigError {
+        ConfigError {
+            issues: self.issues,
+        }
+    }
+
+    /// A YAML or schema error from the deserializer: one at a time by nature.
+    fn deserialize_error(&mut self, e: &serde_saphyr::Error) {
+        let loc = e.location();
+        let (line, column) = match loc {
+            Some(l) if l.line() > 0 => (Some(l.line()), Some(l.column())),
+            _ => (None, None),
+        };
+        let path = match (line, column) {
+            (Some(l), Some(c)) => self.locs.path_at(l, c).unwrap_or("").to_string(),
+            _ => String::new(),
+        };
+        let message = match e.without_snippet() {
+            serde_saphyr::Error::SerdeUnknownField {
+                field, expected, ..
+            } => {
+                let mut m = format!("unknown field `{field}`");
+                match did_you_mean(field, expected.iter().copied()) {
+                    Some(s) => m.push_str(&format!(" (did you mean `{s}`?)")),
+                    None => m.push_str(&format!(", expected one of: {}", expected.join(", "))),
+                }
+                m
+            }
+            other => strip_location(&other.to_string()),
+        };
+        // The key of an unknown field names the parent path better than "nearest value".
+        let path = match e.without_snippet() {
+            serde_saphyr::Error::SerdeUnknownField { field, .. } => {
+                let key_path = path
+                    .rsplit_once('.')
+                    .map(|(p, last)| if last == field { p } else { path.as_str() })
+                    .unwrap_or(if path == *field { "" } else { path.as_str() })
+                    .to_string();
+                key_path
+            }
+            _ => path,
+        };
+        self.issues.push(ConfigIssue {
+            file: self.file.clone(),
+            line,
+            column,
+            path,
+            message,
+        });
+    }
+
+    // === the whole file ===
+
+    fn config(&mut self, raw: &RawConfig, text: &str) -> Option<Config> {
+        match raw.version {
+            Some(1) => {}
+            Some(n) => self.error(
+                "version",
+                format!("unsupported version {n}: this Spillway reads `version: 1`"),
+            ),
+            None => self.error("", "missing `version: 1` at the top of the file"),
+        }
+        if raw.listeners.is_empty() {
+            self.error(
+                "listeners",
+                "at least one listener is required (e.g. `- {name: inbound, bind: 0.0.0.0:8080}`)",
+            );
+        }
+        let listeners = self.listeners(&raw.listeners);
+        let admin = AdminConfig {
+            bind: self
+                .socket_addr(
+                    "admin.bind",
+                    raw.admin.bind.as_deref().unwrap_or("127.0.0.1:9901"),
+                )
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
+        };
+        let runtime = RuntimeConfig {
+            worker_threads: match &raw.runtime.worker_threads {
+                None => None,
+                Some(RawThreads::Word(w)) if w == "auto" => None,
+                Some(RawThreads::Count(n)) if (1..=1024).contains(n) => Some(*n as usize),
+                Some(_) => {
+                    self.error(
+                        "runtime.worker_threads",
+                        "expected `auto` or a number from 1 to 1024",
+                    );
+                    None
+                }
+            },
+        };
+        let limits = LimitsConfig {
+            max_in_flight: self.positive("limits.max_in_flight", raw.limits.max_in_flight, 4096),
+        };
+        let drain = DrainConfig {
+            grace: raw.drain.grace.unwrap_or(Dur(Duration::from_secs(5))),
+            timeout: raw.drain.timeout.unwrap_or(Dur(Duration::from_secs(30))),
+        };
+        let upstreams: Vec<UpstreamConfig> = raw
+            .upstreams
+            .iter()
+            .map(|(name, u)| self.upstream(name, u))
+            .collect();
+        if raw.routes.is_empty() {
+            self.warn("routes", "no routes: every request will get 404 no_route");
+        }
+        let defaults = raw.defaults.clone().unwrap_or_default();
+        if defaults.name.is_some() {
+            self.error(
+                "defaults.name",
+                "`defaults` cannot set `name`: names are per route",
+            );
+        }
+        if defaults.matcher.is_some() {
+            self.error(
+                "defaults.match",
+                "`defaults` cannot set `match`: matches are per route",
+            );
+        }
+        let upstream_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        let mut seen = HashSet::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            if let Some(route) = self.route(i, r, &defaults, &upstream_names) {
+                if !seen.insert(route.name.clone()) {
+                    self.error(
+                        &format!("routes[{i}].name"),
+                        format!(
+                            "duplicate route name `{}`: route names must be unique",
+                            route.name
+                        ),
+                    );
+                }
+                routes.push(route);
+            }
+        }
+        self.shadowed(&routes);
+        Some(Config {
+            version: 1,
+            listeners,
+            admin,
+            runtime,
+            limits,
+            drain,
+            upstreams,
+            routes,
+            source: SourceInfo {
+                file: self.file.clone(),
+                hash: content_hash(text.as_bytes()),
+            },
+        })
+    }
+
+    fn listeners(&mut self, raw: &[RawListener]) -> Vec<ListenerConfig> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        for (i, l) in raw.iter().enumerate() {
+            let p = format!("listeners[{i}]");
+            if l.name.is_empty() {
+                self.error(&format!("{p}.name"), "a listener name cannot be empty");
+            } else if !names.insert(l.name.clone()) {
+                self.error(
+                    &format!("{p}.name"),
+                    format!("duplicate listener name `{}`", l.name),
+                );
+            }
+            let bind = self.socket_addr(&format!("{p}.bind"), &l.bind);
+            let protocol = match l.protocol.as_deref() {
+                None | Some("auto") => ListenerProtocol::Auto,
+                Some("http1") => ListenerProtocol::Http1,
+                Some("http2") => ListenerProtocol::Http2,
+                Some(other) => {
+                    self.one_of(&format!("{p}.protocol"), other, &["http1", "http2", "auto"]);
+                    ListenerProtocol::Auto
+                }
+            };
+            let tls = l.tls.as_ref().map(|t| ListenerTls {
+                cert: self.readable_file(&format!("{p}.tls.cert"), &t.cert),
+                key: self.readable_file(&format!("{p}.tls.key"), &t.key),
+                client_ca: t
+                    .client_ca
+                    .as_ref()
+                    .map(|c| self.readable_file(&format!("{p}.tls.client_ca"), c)),
+            });
+            let max_header_bytes = l.max_header_bytes.unwrap_or(Size(64 << 10));
+            if max_header_bytes.0 < 8192 || max_header_bytes.0 > (16 << 20) {
+                self.error(
+                    &format!("{p}.max_header_bytes"),
+                    "expected a size from 8KiB to 16MiB",
+                );
+            }
+            let request_header_timeout = l
+                .request_header_timeout
+                .unwrap_or(Dur(Duration::from_secs(10)));
+            if request_header_timeout.0.is_zero() {
+                self.error(
+                    &format!("{p}.request_header_timeout"),
+                    "must be greater than 0s",
+                );
+            }
+            let idle_timeout = l.idle_timeout.unwrap_or(Dur(Duration::from_secs(60)));
+            if idle_timeout.0.is_zero() {
+                self.error(&format!("{p}.idle_timeout"), "must be greater than 0s");
+            }
+            out.push(ListenerConfig {
+                name: l.name.clone(),
+                bind: bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                protocol,
+                tls,
+                request_header_timeout,
+                idle_timeout,
+                max_connections: self.positive(
+                    &format!("{p}.max_connections"),
+                    l.max_connections,
+                    10_000,
+                ),
+                max_header_bytes,
+            });
+        }
+        out
+    }
+
+    fn upstream(&mut self, name: &str, u: &RawUpstream) -> UpstreamConfig {
+        let p = format!("upstreams.{name}");
+        if !valid_name(name) {
+            self.error(&p, format!("upstream name `{name}` must be 1-64 characters of letters, digits, `-`, `_` or `.`"));
+        }
+        if u.endpoints.is_empty() {
+            self.error(
+                &format!("{p}.endpoints"),
+                "at least one endpoint (`host:port`) is required",
+            );
+        }
+        for (i, ep) in u.endpoints.iter().enumerate() {
+            if let Err(m) = check_endpoint(ep) {
+                self.error(&format!("{p}.endpoints[{i}]"), m);
+            }
+        }
+        let protocol = match u.protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("http2") => UpstreamProtocol::Http2,
+            Some(other) => {
+                self.one_of(&format!("{p}.protocol"), other, &["http1", "http2"]);
+                UpstreamProtocol::Http1
+            }
+        };
+        let tls = u.tls.as_ref().map(|t| {
+            if t.client_cert.is_some() != t.client_key.is_some() {
+                self.error(
+                    &format!("{p}.tls"),
+                    "`client_cert` and `client_key` must be set together",
+                );
+            }
+            UpstreamTls {
+                server_name: t.server_name.clone(),
+                ca: t
+                    .ca
+                    .as_ref()
+                    .map(|c| self.readable_file(&format!("{p}.tls.ca"), c)),
+                client_cert: t
+                    .client_cert
+                    .as_ref()
+                    .map(|c| self.readable_file(&format!("{p}.tls.client_cert"), c)),
+                client_key: t
+                    .client_key
+                    .as_ref()
+                    .map(|c| self.readable_file(&format!("{p}.tls.client_key"), c)),
+            }
+        });
+        let connect_timeout = u.connect_timeout.unwrap_or(Dur(Duration::from_secs(1)));
+        if connect_timeout.0.is_zero() {
+            self.error(&format!("{p}.connect_timeout"), "must be greater than 0s");
+        }
+        let pool = u.pool.as_ref();
+        let pool = PoolConfig {
+            max_idle_per_endpoint: pool
+                .and_then(|p| p.max_idle_per_endpoint)
+                .map(|n| n.min(1 << 20) as usize)
+                .unwrap_or(64),
+            idle_timeout: pool
+                .and_then(|p| p.idle_timeout)
+                .unwrap_or(Dur(Duration::from_secs(90))),
+        };
+        let circuit_breaker = u
+            .circuit_breaker
+            .as_ref()
+            .map(|b| self.breaker(&format!("{p}.circuit_breaker"), b));
+        UpstreamConfig {
+            name: name.to_string(),
+            endpoints: u.endpoints.clone(),
+            tls,
+            connect_timeout,
+            pool,
+            protocol,
+            circuit_breaker,
+        }
+    }
+
+    fn breaker(&mut self, p: &str, b: &RawBreaker) -> BreakerSettings {
+        let failure_rate = b.failure_rate.as_ref().map(|r| {
+            if !(r.threshold > 0.0 && r.threshold <= 1.0) {
+                self.error(
+                    &format!("{p}.failure_rate.threshold"),
+                    "expected a fraction in (0, 1], e.g. 0.5",
+                );
+            }
+            let window = r.window.unwrap_or(Dur(Duration::from_secs(10)));
+            if window.0 < Duration::from_secs(1) {
+                self.error(&format!("{p}.failure_rate.window"), "expected at least 1s");
+            }
+            FailureRateSettings {
+                threshold: r.threshold,
+                window,
+                min_requests: self.positive_u32(
+                    &format!("{p}.failure_rate.min_requests"),
+                    r.min_requests,
+                    20,
+                ),
+            }
+        });
+        let mut failure_on = FailureOn {
+            connect: true,
+            timeout: true,
+            status_5xx: true,
+        };
+        if let Some(list) = &b.failure_on {
+            failure_on = FailureOn {
+                connect: false,
+                timeout: false,
+                status_5xx: false,
+            };
+            for (i, item) in list.iter().enumerate() {
+                match item.as_str() {
+                    "connect" => failure_on.connect = true,
+                    "timeout" => failure_on.timeout = true,
+                    "5xx" => failure_on.status_5xx = true,
+                    other => self.one_of(
+                        &format!("{p}.failure_on[{i}]"),
+                        other,
+                        &["connect", "timeout", "5xx"],
+                    ),
+                }
+            }
+        }
+        let recovery_timeout = b.recovery_timeout.unwrap_or(Dur(Duration::from_secs(30)));
+        if recovery_timeout.0.is_zero() {
+            self.error(&format!("{p}.recovery_timeout"), "must be greater than 0s");
+        }
+        BreakerSettings {
+            failure_threshold: self.positive_u32(
+                &format!("{p}.failure_threshold"),
+                b.failure_threshold,
+                5,
+            ),
+            failure_rate,
+            recovery_timeout,
+            half_open_calls: self.positive_u32(
+                &format!("{p}.half_open_calls"),
+                b.half_open_calls,
+                3,
+            ),
+            failure_on,
+        }
+    }
+
+    // === routes ===
+
+    fn route(
+        &mut self,
+        i: usize,
+        r: &RawRoute,
+        d: &RawRoute,
+        upstreams: &[&str],
+    ) -> Option<RouteConfig> {
+        let p = format!("routes[{i}]");
+        let name = match &r.name {
+            Some(n) if valid_name(n) => n.clone(),
+            Some(n) => {
+                self.error(&format!("{p}.name"), format!("route name `{n}` must be 1-64 characters of letters, digits, `-`, `_` or `.` (it is a metric label)"));
+                n.clone()
+            }
+            None => {
+                self.error(&p, "missing field `name`: every route needs a unique name");
+                format!("route{i}")
+            }
+        };
+        let matcher = self.matcher(&format!("{p}.match"), r.matcher.as_ref());
+        let (upstream, up_path) = pick(i, r, d, |x| x.upstream.clone(), "upstream");
+        let upstream = match upstream {
+            Some(u) if upstreams.contains(&u.as_str()) => u,
+            Some(u) => {
+                let hint = match did_you_mean(&u, upstreams.iter().copied()) {
+                    Some(s) => format!(" (did you mean `{s}`?)"),
+                    None if upstreams.is_empty() => " (no upstreams are defined)".to_string(),
+                    None => format!(" (defined: {})", upstreams.join(", ")),
+                };
+                self.error(&up_path, format!("unknown upstream `{u}`{hint}"));
+                u
+            }
+            None => {
+                self.error(&p, "missing field `upstream`: name one of `upstreams`");
+                String::new()
+            }
+        };
+
+        let (max_in_flight, pth) = pick(
+            i,
+            r,
+            d,
+            |x| x.concurrency.as_ref()?.max_in_flight,
+            "concurrency.max_in_flight",
+        );
+        let max_in_flight = self.positive(&pth, max_in_flight, 1024);
+
+        let (max_depth, _) = pick(i, r, d, |x| x.queue.as_ref()?.max_depth, "queue.max_depth");
+        let max_depth = max_depth.unwrap_or(1024).min(1 << 24) as usize;
+        let (max_wait, wait_path) = pick(i, r, d, |x| x.queue.as_ref()?.max_wait, "queue.max_wait");
+        let max_wait = max_wait.unwrap_or(Dur(Duration::from_secs(1)));
+        let (discipline, pth) = pick(
+            i,
+            r,
+            d,
+            |x| x.queue.as_ref()?.discipline.clone(),
+            "queue.discipline",
+        );
+        let discipline = match discipline.as_deref() {
+            None | Some("fifo") => QueueDiscipline::Fifo,
+            Some("adaptive_lifo") => QueueDiscipline::AdaptiveLifo,
+            Some(other) => {
+                self.one_of(&pth, other, &["fifo", "adaptive_lifo"]);
+                QueueDiscipline::Fifo
+            }
+        };
+
+        let (request, req_path) = pick(
+            i,
+            r,
+            d,
+            |x| x.timeouts.as_ref()?.request,
+            "timeouts.request",
+        );
+        let request = request.unwrap_or(Dur(DEFAULT_REQUEST_TIMEOUT));
+        if request.0.is_zero() {
+            self.error(&req_path, "must be greater than 0s");
+        }
+        let (per_try, pt_path) = pick(
+            i,
+            r,
+            d,
+            |x| x.timeouts.as_ref()?.per_try,
+            "timeouts.per_try",
+        );
+        if let Some(pt) = per_try {
+            if pt.0.is_zero() {
+                self.error(&pt_path, "must be greater than 0s");
+            } else if pt > request {
+                self.error(
+                    &pt_path,
+                    format!(
+                        "per_try ({}) must not exceed timeouts.request ({})",
+                        units::format_duration(pt.0),
+                        units::format_duration(request.0)
+                    ),
+                );
+            }
+        }
+        if max_depth > 0 && max_wait >= request {
+            self.error(
+                &wait_path,
+                format!(
+                    "queue.max_wait ({}) must be less than timeouts.request ({})",
+                    units::format_duration(max_wait.0),
+                    units::format_duration(request.0)
+                ),
+            );
+        }
+        let (body_idle, pth) = pick(
+            i,
+            r,
+            d,
+            |x| x.timeouts.as_ref()?.response_body_idle,
+            "timeouts.response_body_idle",
+        );
+        let response_body_idle = body_idle.unwrap_or(Dur(Duration::from_secs(60)));
+        if response_body_idle.0.is_zero() {
+            self.error(&pth, "must be greater than 0s");
+        }
+
+        let retries = self.retries(i, r, d);
+
+        let (status, pth) = pick(i, r, d, |x| x.shed.as_ref()?.status, "shed.status");
+        let status = match status {
+            None => 429,
+            Some(s) if (400..=599).contains(&s) => s as u16,
+            Some(s) => {
+                self.error(&pth, format!("shed status {s} must be a 4xx or 5xx code"));
+                429
+            }
+        };
+        let (retry_after, _) = pick(
+            i,
+            r,
+            d,
+            |x| x.shed.as_ref()?.retry_after,
+            "shed.retry_after",
+        );
+        let shed = ShedConfig {
+            status,
+            retry_after: retry_after.unwrap_or(Dur(Duration::from_secs(1))),
+        };
+        let (fallback, pth) = pick(i, r, d, |x| x.fallback.clone(), "fallback");
+        let fallback = fallback.map(|f| self.fallback(&pth, &f));
+        let (max_body, _) = pick(i, r, d, |x| x.max_request_body, "max_request_body");
+        Some(RouteConfig {
+            name,
+            matcher,
+            upstream,
+            concurrency: ConcurrencyConfig { max_in_flight },
+            queue: QueueConfig {
+                max_depth,
+                max_wait,
+                discipline,
+            },
+            timeouts: TimeoutsConfig {
+                request,
+                per_try,
+                response_body_idle,
+            },
+            retries,
+            shed,
+            fallback,
+            max_request_body: max_body.unwrap_or(Size(10 << 20)),
+        })
+    }
+
+    fn matcher(&mut self, p: &str, m: Option<&RawMatch>) -> MatchConfig {
+        let Some(m) = m else {
+            return MatchConfig {
+                path: PathMatch::Any,
+                methods: None,
+                host: None,
+                headers: Vec::new(),
+            };
+        };
+        let set = [
+            m.path_prefix.is_some(),
+            m.path_exact.is_some(),
+            m.path_regex.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if set > 1 {
+            self.error(
+                p,
+                "set only one of `path_prefix`, `path_exact`, `path_regex`",
+            );
+        }
+        let path = if let Some(prefix) = &m.path_prefix {
+            if !prefix.starts_with('/') {
+                self.error(
+                    &format!("{p}.path_prefix"),
+                    format!("a path prefix must start with `/`, got `{prefix}`"),
+                );
+            }
+            PathMatch::Prefix(prefix.clone())
+        } else if let Some(exact) = &m.path_exact {
+            if !exact.starts_with('/') {
+                self.error(
+                    &format!("{p}.path_exact"),
+                    format!("a path must start with `/`, got `{exact}`"),
+                );
+            }
+            PathMatch::Exact(exact.clone())
+        } else if let Some(re) = &m.path_regex {
+            if let Err(e) = regex::RegexBuilder::new(re).size_limit(1 << 20).build() {
+                let msg = e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("invalid")
+                    .trim()
+                    .to_string();
+                self.error(
+                    &format!("{p}.path_regex"),
+                    format!("regex does not compile: {msg}"),
+                );
+            }
+            PathMatch::Regex(re.clone())
+        } else {
+            PathMatch::Any
+        };
+        let methods = m.methods.as_ref().map(|list| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(j, s)| {
+                    let upper = s.to_ascii_uppercase();
+                    match Method::from_bytes(upper.as_bytes()) {
+                        Ok(method) => Some(method),
+                        Err(_) => {
+                            self.error(
+                                &format!("{p}.methods[{j}]"),
+                                format!("`{s}` is not an HTTP method"),
+                            );
+                            None
+                        }
+                    }
+                })
+                .collect()
+        });
+        let host = m.host.as_ref().map(|h| {
+            let h = h.to_ascii_lowercase();
+            if h.is_empty()
+                || (h.contains('*') && !(h.starts_with("*.") && h.matches('*').count() == 1))
+            {
+                self.error(
+                    &format!("{p}.host"),
+                    format!("expected an exact host or `*.suffix`, got `{h}`"),
+                );
+            }
+            h
+        });
+        let headers = self.header_list(&format!("{p}.headers"), m.headers.as_ref());
+        MatchConfig {
+            path,
+            methods,
+            host,
+            headers,
+        }
+    }
+
+    fn retries(&mut self, i: usize, r: &RawRoute, d: &RawRoute) -> RetriesConfig {
+        let (max_attempts, pth) = pick(
+            i,
+            r,
+            d,
+            |x| x.retries.as_ref()?.max_attempts,
+            "retries.max_attempts",
+        );
+        let max_attempts = match max_attempts {
+            None => 1,
+            Some(n) if (1..=10).contains(&n) => n as u32,
+            Some(n) => {
+                self.error(
+                    &pth,
+                    format!("max_attempts must be from 1 (no retry) to 10, got {n}"),
+                );
+                1
+            }
+        };
+        let (on, pth) = pick(i, r, d, |x| x.retries.as_ref()?.on.clone(), "retries.on");
+        let on = match on {
+            None => RetryOnConfig {
+                connect: true,
+                reset: true,
+                timeout: true,
+                statuses: vec![502, 503, 504],
+            },
+            Some(list) => {
+                let mut out = RetryOnConfig::default();
+                for (j, item) in list.iter().enumerate() {
+                    match item {
+                        RawRetryOn::Status(s) if (500..=599).contains(s) => {
+                            out.statuses.push(*s as u16)
+                        }
+                        RawRetryOn::Status(s) => self.error(
+                            &format!("{pth}[{j}]"),
+                            format!("retry status {s} must be a 5xx code"),
+                        ),
+                        RawRetryOn::Word(w) => match w.as_str() {
+                            "connect" => out.connect = true,
+                            "reset" => out.reset = true,
+                            "timeout" => out.timeout = true,
+                            "5xx" => out.statuses.extend(500..=599),
+                            other => match other.parse::<u16>() {
+                                Ok(s) if (500..=599).contains(&s) => out.statuses.push(s),
+                                _ => self.one_of(
+                                    &format!("{pth}[{j}]"),
+                                    other,
+                                    &["connect", "reset", "timeout", "5xx", "502", "503", "504"],
+                                ),
+                            },
+                        },
+                    }
+                }
+                // Sorted and unique: the data path binary-searches it.
+                out.statuses.sort_unstable();
+                out.statuses.dedup();
+                out
+            }
+        };
+        let (base, _) = pick(
+            i,
+            r,
+            d,
+            |x| x.retries.as_ref()?.backoff.as_ref()?.base,
+            "retries.backoff.base",
+        );
+        let (max, max_path) = pick(
+            i,
+            r,
+            d,
+            |x| x.retries.as_ref()?.backoff.as_ref()?.max,
+            "retries.backoff.max",
+        );
+        let backoff = BackoffConfig {
+            base: base.unwrap_or(Dur(Duration::from_millis(25))),
+            max: max.unwrap_or(Dur(Duration::from_secs(1))),
+        };
+        if backoff.max < backoff.base {
+            self.error(&max_path, "backoff.max must be at least backoff.base");
+        }
+        let (ratio, rpath) = pick(
+            i,
+            r,
+            d,
+            |x| x.retries.as_ref()?.budget.as_ref()?.ratio,
+            "retries.budget.ratio",
+        );
+        let ratio = ratio.unwrap_or(0.2);
+        if !(0.0..=1000.0).contains(&ratio) {
+            self.error(
+                &rpath,
+                "budget.ratio must be from 0 to 1000 (0.2 = retries may add 20% load)",
+            );
+        }
+        let (mps, _) = pick(
+            i,
+            r,
+            d,
+            |x| x.retries.as_ref()?.budget.as_ref()?.min_per_second,
+            "retries.budget.min_per_second",
+        );
+        let (mbb, _) = pick(
+            i,
+            r,
+            d,
+            |x| x.retries.as_ref()?.max_buffered_body,
+            "retries.max_buffered_body",
+        );
+        let (key, kpath) = pick(
+            i,
+            r,
+            d,
+            |x| x.retries.as_ref()?.idempotency_key_header.clone(),
+            "retries.idempotency_key_header",
+        );
+        let idempotency_key_header = key.and_then(|k| match HeaderName::from_bytes(k.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.error(&kpath, format!("`{k}` is not a valid header name"));
+                None
+            }
+        });
+        RetriesConfig {
+            max_attempts,
+            on,
+            backoff,
+            budget: BudgetSettings {
+                ratio,
+                min_per_second: mps.unwrap_or(10).min(1_000_000) as u32,
+            },
+            max_buffered_body: mbb.unwrap_or(Size(64 << 10)),
+            idempotency_key_header,
+        }
+    }
+
+    fn fallback(&mut self, p: &str, f: &RawFallback) -> FallbackConfig {
+        let status = match f.status {
+            None => 200,
+            Some(s) if (100..=599).contains(&s) && s != 101 => s as u16,
+            Some(s) => {
+                self.error(
+                    &format!("{p}.status"),
+                    format!("`{s}` is not a usable HTTP status"),
+                );
+                200
+            }
+        };
+        let body = f.body.clone().unwrap_or_default();
+        if body.len() > (1 << 20) {
+            self.error(&format!("{p}.body"), "a fallback body is limited to 1MiB");
+        }
+        FallbackConfig {
+            status,
+            headers: self.header_list(&format!("{p}.headers"), f.headers.as_ref()),
+            body,
+        }
+    }
+
+    // === checks shared by sections ===
+
+    fn shadowed(&mut self, routes: &[RouteConfig]) {
+        for (j, later) in routes.iter().enumerate() {
+            if let Some((i, earlier)) = routes[..j]
+                .iter()
+                .enumerate()
+                .find(|(_, e)| covers(&e.matcher, &later.matcher))
+            {
+                self.warn(
+                    &format!("routes[{j}].match"),
+                    format!(
+                        "route `{}` can never match: route `{}` (routes[{i}]) comes first and matches everything it does",
+                        later.name, earlier.name
+                    ),
+                );
+            }
+        }
+    }
+
+    fn header_list(
+        &mut self,
+        p: &str,
+        raw: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = Vec::new();
+        for (k, v) in raw.into_iter().flatten() {
+            match (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                (Ok(name), Ok(value)) => out.push((name, value)),
+                (Err(_), _) => self.error(
+                    &format!("{p}.{k}"),
+                    format!("`{k}` is not a valid header name"),
+                ),
+                (_, Err(_)) => self.error(
+                    &format!("{p}.{k}"),
+                    "header value has characters HTTP does not allow",
+                ),
+            }
+        }
+        out
+    }
+
+    fn socket_addr(&mut self, path: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let hint = if s.starts_with("localhost:") {
+                    " (use 127.0.0.1 instead of localhost)"
+                } else if s.starts_with(':') {
+                    " (write 0.0.0.0:PORT)"
+                } else {
+                    ""
+                };
+                self.error(
+                    path,
+                    format!("expected `ip:port` such as `0.0.0.0:8080`, got `{s}`{hint}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn readable_file(&mut self, path: &str, file: &str) -> PathBuf {
+        let pb = PathBuf::from(file);
+        if let Err(e) = std::fs::File::open(&pb) {
+            self.error(path, format!("cannot read `{file}`: {e}"));
+        }
+        pb
+    }
+
+    fn positive(&mut self, path: &str, v: Option<u64>, default: usize) -> usize {
+        match v {
+            None => default,
+            Some(0) => {
+                self.error(path, "must be at least 1");
+                default
+            }
+            Some(n) => n.min(1 << 30) as usize,
+        }
+    }
+
+    fn positive_u32(&mut self, path: &str, v: Option<u64>, default: u32) -> u32 {
+        match v {
+            None => default,
+            Some(0) => {
+                self.error(path, "must be at least 1");
+                default
+            }
+            Some(n) => n.min(u64::from(u32::MAX)) as u32,
+        }
+    }
+
+    fn one_of(&mut self, path: &str, got: &str, allowed: &[&str]) {
+        let hint = match did_you_mean(got, allowed.iter().copied()) {
+            Some(s) => format!(" (did you mean `{s}`?)"),
+            None => String::new(),
+        };
+        self.error(
+            path,
+            format!("expected one of {}, got `{got}`{hint}", allowed.join(" | ")),
+        );
+    }
+}
+
+/// Takes a route field from the route, else from `defaults`; returns the path it came from.
+fn pick<T>(
+    i: usize,
+    r: &RawRoute,
+    d: &RawRoute,
+    f: impl Fn(&RawRoute) -> Option<T>,
+    sub: &str,
+) -> (Option<T>, String) {
+    match f(r) {
+        Some(v) => (Some(v), format!("routes[{i}].{sub}")),
+        None => match f(d) {
+            Some(v) => (Some(v), format!("defaults.{sub}")),
+            None => (None, format!("routes[{i}].{sub}")),
+        },
+    }
+}
+
+/// Does `a` match every request `b` matches?
+fn covers(a: &MatchConfig, b: &MatchConfig) -> bool {
+    let methods = match (&a.methods, &b.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(am), Some(bm)) => bm.iter().all(|m| am.contains(m)),
+    };
+    let host = a.host.is_none() || a.host == b.host;
+    let headers = a.headers.iter().all(|h| b.headers.contains(h));
+    let path = match (&a.path, &b.path) {
+        (PathMatch::Any, _) => true,
+        (PathMatch::Prefix(p), PathMatch::Prefix(q))
+        | (PathMatch::Prefix(p), PathMatch::Exact(q)) => q.starts_with(p.as_str()),
+        (PathMatch::Exact(p), PathMatch::Exact(q)) => p == q,
+        (PathMatch::Regex(p), PathMatch::Regex(q)) => p == q,
+        _ => false,
+    };
+    methods && host && headers && path
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn check_endpoint(ep: &str) -> Result<(), String> {
+    if ep.contains("://") {
+        return Err(format!(
+            "expected `host:port` without a scheme, got `{ep}` (TLS is set with `tls:`)"
+        ));
+    }
+    let Some((host, port)) = ep.rsplit_once(':') else {
+        return Err(format!(
+            "expected `host:port`, got `{ep}` (the port is required)"
+        ));
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "expected `host:port`, got `{ep}` (the host is missing)"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{port}` is not a port number in `{ep}`")),
+    }
+}
+
+/// The closest candidate within a small edit distance.
+pub(crate) fn did_you_mean<'a>(
+    got: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let limit = (got.len() / 3).max(2);
+    candidates
+        .map(|c| (levenshtein(got, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j + 1] + 1).min(cur[j] + 1).min(prev[j] + cost);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// serde-saphyr messages may end with "at line X column Y"; we print the position ourselves.
+fn strip_location(msg: &str) -> String {
+    let first = msg.lines().next().unwrap_or(msg);
+    match first.find(" at line ") {
+        Some(i) => first[..i].to_string(),
+        None => first.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(
+            did_you_mean("max_in_flite", ["max_in_flight", "queue"].into_iter()),
+            Some("max_in_flight")
+        );
+        assert_eq!(did_you_mean("zzz", ["max_in_flight"].into_iter()), None);
+    }
+}

@@ -1,0 +1,28 @@
+//! Spillway: a sidecar HTTP proxy with per-route concurrency caps, bounded
+//! queues, stage timeouts, safe retries and circuit breakers, tuned in one YAML
+//! file and visible as Prometheus metrics.
+//!
+//! Tests and `spillway demo` use [`start`]; `main.rs` is a thin CLI around it.
+
+mod admin;
+mod app;
+pub mod config;
+pub mod demo;
+pub mod error;
+mod metrics;
+mod proxy;
+mod registry;
+mod server;
+mod shutdown;
+
+pub use app::{
+    reload_file, serve_signals_and_reloads, start, ReloadError, RunningProxy, StartError,
+};
+
+/// Internals exposed for the criterion benches only; not a stable API.
+#[doc(hidden)]
+pub mod bench_api {
+    pub mod admission {
+        pub use crate::proxy::admission::{Admission, AdmissionLimits, Discipline};
+    }
+}

@@ -1,0 +1,338 @@
+//! Body types on both legs.
+//!
+//! * [`RequestBody`]: the client's body on its way up, with the route's size
+//!   limit (`max_request_body`) and the idle gap limit enforced while streaming.
+//! * [`UpstreamBody`]: what the upstream client sends (streamed, replayable
+//!   bytes for retries, or nothing).
+//! * [`ProxyBody`]: what the client receives: a local reply or the upstream's
+//!   body wrapped with the request's guard, so the route permit is held until
+//!   the last byte (or an error, or the client going away).
+//!
+//! Buffering is bounded: frames are passed through one at a time (hyper's own
+//! buffers apply backpressure); only retry replay buffers, up to
+//! `retries.max_buffered_body`.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+/// Body error type on both legs.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why Spillway itself ended a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyError {
+    /// The request body crossed `max_request_body` while streaming.
+    TooLarge,
+    /// No bytes for `response_body_idle`.
+    IdleTimeout,
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyError::TooLarge => f.write_str("request body exceeds max_request_body"),
+            BodyError::IdleTimeout => f.write_str("body idle timeout"),
+        }
+    }
+}
+
+impl StdError for BodyError {}
+
+/// Finds a [`BodyError`] anywhere in an error's source chain.
+pub(crate) fn find_body_error(e: &(dyn StdError + 'static)) -> Option<BodyError> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(b) = err.downcast_ref::<BodyError>() {
+            return Some(*b);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A lazily armed idle timer: it allocates only when a poll has to wait, so
+/// bodies that are ready at once pay nothing.
+struct IdleTimer {
+    idle: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    progressed: bool,
+}
+
+impl IdleTimer {
+    fn new(idle: Duration) -> Self {
+        IdleTimer {
+            idle,
+            sleep: None,
+            progressed: false,
+        }
+    }
+
+    /// Called when the inner body made progress.
+    fn progress(&mut self) {
+        self.progressed = true;
+    }
+
+    /// Called when the inner body is pending: Ready means the idle gap expired.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let now = Instant::now();
+        match &mut self.sleep {
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(now + self.idle))),
+            Some(s) if self.progressed => s.as_mut().reset(now + self.idle),
+            Some(_) => {}
+        }
+        self.progressed = false;
+        match &mut self.sleep {
+            Some(s) => s.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+// === RequestBody ===
+
+/// The client's request body, limited and idle-timed.
+pub(crate) struct RequestBody {
+    inner: Incoming,
+    limit: u64,
+    seen: u64,
+    timer: IdleTimer,
+    failed: bool,
+}
+
+impl RequestBody {
+    pub(crate) fn new(inner: Incoming, limit: u64, idle: Duration) -> Self {
+        RequestBody {
+            inner,
+            limit,
+            seen: 0,
+            timer: IdleTimer::new(idle),
+            failed: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.timer.progress();
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        this.failed = true;
+                        return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                ready!(this.timer.poll_expired(cx));
+                this.failed = true;
+                Poll::Ready(Some(Err(Box::new(BodyError::IdleTimeout))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === UpstreamBody ===
+
+/// What is sent upstream.
+pub(crate) enum UpstreamBody {
+    Empty,
+    Stream(RequestBody),
+    /// A buffered body, replayable for retries (cheap `Bytes` clone).
+    Replay(Option<Bytes>),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut *self {
+            UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Replay(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Empty => true,
+            UpstreamBody::Stream(b) => b.is_end_stream(),
+            UpstreamBody::Replay(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Stream(b) => b.size_hint(),
+            UpstreamBody::Replay(b) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+// === ProxyBody ===
+
+/// Something that must live exactly as long as the response body: permits and
+/// end-of-request bookkeeping. `finish` is told whether the body completed.
+pub(crate) trait BodyGuard: Send + 'static {
+    fn finish(self: Box<Self>, outcome: BodyOutcome);
+}
+
+/// How a response body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyOutcome {
+    Complete,
+    Error,
+    IdleTimeout,
+    /// The client went away before the end.
+    Dropped,
+}
+
+/// The body sent to the client.
+pub struct ProxyBody {
+    kind: Kind,
+}
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamResponse>),
+}
+
+struct UpstreamResponse {
+    inner: Incoming,
+    guard: Option<Box<dyn BodyGuard>>,
+    timer: IdleTimer,
+}
+
+impl UpstreamResponse {
+    fn finish(&mut self, outcome: BodyOutcome) {
+        if let Some(g) = self.guard.take() {
+            g.finish(outcome);
+        }
+    }
+}
+
+impl Drop for UpstreamResponse {
+    fn drop(&mut self) {
+        self.finish(BodyOutcome::Dropped);
+    }
+}
+
+impl ProxyBody {
+    pub(crate) fn empty() -> Self {
+        ProxyBody { kind: Kind::Empty }
+    }
+
+    pub(crate) fn full(b: Bytes) -> Self {
+        ProxyBody {
+            kind: Kind::Full(Some(b)),
+        }
+    }
+
+    /// The upstream's body; `guard` is finished when it ends.
+    pub(crate) fn upstream(inner: Incoming, guard: Box<dyn BodyGuard>, idle: Duration) -> Self {
+        let mut resp = UpstreamResponse {
+            inner,
+            guard: Some(guard),
+            timer: IdleTimer::new(idle),
+        };
+        if resp.inner.is_end_stream() {
+            // An empty body (204, HEAD, ...) is never polled: release at once.
+            resp.finish(BodyOutcome::Complete);
+        }
+        ProxyBody {
+            kind: Kind::Upstream(Box::new(resp)),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Upstream(u) => match Pin::new(&mut u.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    u.timer.progress();
+                    if u.inner.is_end_stream() {
+                        u.finish(BodyOutcome::Complete);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    u.finish(BodyOutcome::Error);
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+                Poll::Ready(None) => {
+                    u.finish(BodyOutcome::Complete);
+                    Poll::Ready(None)
+                }
+                Poll::Pending => {
+                    ready!(u.timer.poll_expired(cx));
+                    u.finish(BodyOutcome::IdleTimeout);
+                    Poll::Ready(Some(Err(Box::new(BodyError::IdleTimeout))))
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(u) => u.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}

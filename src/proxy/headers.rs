@@ -1,0 +1,180 @@
+//! Per-hop header handling: hop-by-hop headers are stripped on both legs
+//! (RFC 9110 §7.6.1), forwarding headers are added on the way up.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `x-request-id`: kept when present, generated when absent.
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers. With `upgrade`, `Connection: upgrade` and
+/// `Upgrade` are kept because the next hop must see them to switch protocols.
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // Headers named by Connection are hop-by-hop too. Collect names first: the
+    // map cannot be mutated while borrowed. Only allocates when Connection lists
+    // something other than the usual tokens.
+    if let Some(conn) = h.get(header::CONNECTION) {
+        let listed: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("keep-alive")
+                    && !(upgrade && t.eq_ignore_ascii_case("upgrade"))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            h.remove(&name);
+        }
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::PROXY_AUTHENTICATE);
+    if let Some(te) = h.get(header::TE) {
+        let wants_trailers = te
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        if wants_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            h.remove(header::TE);
+        }
+    }
+}
+
+/// Is this an HTTP/1.1 protocol upgrade request (WebSocket and friends)?
+pub(crate) fn is_upgrade_request(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+}
+
+/// Adds the forwarding headers: x-request-id (if absent), x-forwarded-for
+/// (appended), x-forwarded-proto and x-forwarded-host (set). Returns the request id.
+pub(crate) fn add_forwarding(
+    h: &mut HeaderMap,
+    client_ip: IpAddr,
+    https: bool,
+    original_host: Option<&str>,
+) -> HeaderValue {
+    let id = match h.get(&X_REQUEST_ID) {
+        Some(v) => v.clone(),
+        None => {
+            let v = new_request_id();
+            h.insert(X_REQUEST_ID.clone(), v.clone());
+            v
+        }
+    };
+    // Append to any existing chain (several headers fold into one, in order).
+    let ip = client_ip.to_string();
+    let mut chain = String::new();
+    for v in h.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            chain.push_str(s);
+            chain.push_str(", ");
+        }
+    }
+    chain.push_str(&ip);
+    if let Ok(v) = HeaderValue::from_str(&chain) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    h.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    if let Some(host) = original_host.and_then(|s| HeaderValue::from_str(s).ok()) {
+        h.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    id
+}
+
+/// 128 random bits as 32 hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (i * 4)) & 0xf) as usize];
+    }
+    // 32 ASCII hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be stripped");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let id = add_forwarding(
+            &mut h,
+            "127.0.0.1".parse().unwrap(),
+            false,
+            Some("svc.local"),
+        );
+        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "svc.local");
+        let mut h2 = HeaderMap::new();
+        h2.insert("x-request-id", HeaderValue::from_static("abc"));
+        assert_eq!(
+            add_forwarding(&mut h2, "::1".parse().unwrap(), true, None),
+            "abc"
+        );
+    }
+}

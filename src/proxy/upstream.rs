@@ -1,0 +1,313 @@
+//! One upstream: its pooled client (hyper-util, HTTP/1.1 or h2c), its
+//! endpoints with least-loaded power-of-two-choices selection, and its breaker.
+//! An `Upstream` outlives reloads that do not change its endpoints or protocol,
+//! so its pool and breaker state survive.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::Histogram;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower::Service;
+
+use super::body::{find_body_error, BodyError, UpstreamBody};
+use super::breaker::{Breaker, BreakerConfig, BreakerState, FailureRate};
+use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::metrics::{LazyCounters, Metrics};
+
+tokio::task_local! {
+    /// The route's `connect` stage histogram, set around an upstream call so the
+    /// connector (which knows nothing of routes) can time the TCP connect.
+    pub(crate) static CONNECT_STAGE: Histogram;
+}
+
+/// Outcome labels of `spillway_upstream_requests_total`.
+pub(crate) const OUTCOMES: [&str; 8] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "connect_error",
+    "reset",
+    "timeout",
+];
+pub(crate) const OUTCOME_CONNECT: usize = 5;
+pub(crate) const OUTCOME_RESET: usize = 6;
+pub(crate) const OUTCOME_TIMEOUT: usize = 7;
+
+/// An upstream and its state.
+pub(crate) struct Upstream {
+    pub name: String,
+    pub config: UpstreamConfig,
+    client: Client<Connector, UpstreamBody>,
+    endpoints: Vec<Arc<Endpoint>>,
+    pub breaker: Option<Arc<Breaker>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One `host:port` of an upstream.
+pub(crate) struct Endpoint {
+    authority: Authority,
+    pub label: String,
+    in_flight: AtomicUsize,
+    outcomes: LazyCounters<8>,
+}
+
+/// Held while an attempt (and then its response body) is using an endpoint.
+pub(crate) struct EndpointLoad(Arc<Endpoint>);
+
+/// Why an attempt failed before response headers.
+#[derive(Debug)]
+pub(crate) enum UpstreamError {
+    /// No connection could be made: nothing reached the upstream.
+    Connect(String),
+    /// The connection broke before a response arrived.
+    Reset(String),
+    /// The client's request body broke the route's limit while streaming.
+    BodyTooLarge,
+    /// The client's request body stalled or failed.
+    ClientBody(String),
+}
+
+/// TCP connector that times the connect for the route that triggered it.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    http: HttpConnector,
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// Builds the client and endpoints. No I/O happens here.
+    pub(crate) fn new(config: &UpstreamConfig, metrics: &Arc<Metrics>) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout.0));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool.idle_timeout.0)
+            .pool_max_idle_per_host(config.pool.max_idle_per_endpoint);
+        if config.protocol == UpstreamProtocol::Http2 {
+            builder.http2_only(true);
+        }
+        let client = builder.build(Connector { http });
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|ep| {
+                let authority = ep
+                    .parse::<Authority>()
+                    .map_err(|e| format!("endpoint `{ep}`: {e}"))?;
+                Ok(Arc::new(Endpoint {
+                    authority,
+                    label: ep.clone(),
+                    in_flight: AtomicUsize::new(0),
+                    outcomes: LazyCounters::new(),
+                }))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if endpoints.is_empty() {
+            return Err(format!("upstream `{}` has no endpoints", config.name));
+        }
+        let breaker = config.circuit_breaker.as_ref().map(|b| {
+            let name = config.name.clone();
+            let m = metrics.clone();
+            for state in ["closed", "open", "half_open"] {
+                m.circuit_state
+                    .with_label_values(&[name.as_str(), state])
+                    .set(i64::from(state == "closed"));
+            }
+            Breaker::new(
+                breaker_config(b),
+                Box::new(move |from: BreakerState, to: BreakerState| {
+                    m.circuit_state.with_label_values(&[name.as_str(), from.as_str()]).set(0);
+                    m.circuit_state.with_label_values(&[name.as_str(), to.as_str()]).set(1);
+                    m.circuit_transitions_total
+                        .with_label_values(&[name.as_str(), to.as_str()])
+                        .inc();
+                    match to {
+                        BreakerState::Open => tracing::warn!(upstream = %name, from = from.as_str(), "circuit breaker opened"),
+                        _ => tracing::info!(upstream = %name, from = from.as_str(), to = to.as_str(), "circuit breaker transition"),
+                    }
+                }),
+            )
+        });
+        Ok(Upstream {
+            name: config.name.clone(),
+            config: config.clone(),
+            client,
+            endpoints,
+            breaker,
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// Can this upstream be kept across a reload to `new`? Pool and breaker
+    /// survive unless what they are about (endpoints, protocol, TLS) changed.
+    pub(crate) fn compatible(&self, new: &UpstreamConfig) -> bool {
+        self.config.endpoints == new.endpoints
+            && self.config.protocol == new.protocol
+            && self.config.tls == new.tls
+            && self.config.connect_timeout == new.connect_timeout
+            && self.config.pool == new.pool
+            && self.config.circuit_breaker.is_some() == new.circuit_breaker.is_some()
+    }
+
+    /// Applies breaker settings in place (reload).
+    pub(crate) fn update(&self, new: &UpstreamConfig) {
+        if let (Some(b), Some(cfg)) = (&self.breaker, &new.circuit_breaker) {
+            b.set_config(breaker_config(cfg));
+        }
+    }
+
+    /// Least-loaded of two random endpoints (power of two choices).
+    pub(crate) fn pick(&self) -> EndpointLoad {
+        let n = self.endpoints.len();
+        let ep = if n <= 1 {
+            &self.endpoints[0]
+        } else {
+            let a = fastrand::usize(..n);
+            let mut b = fastrand::usize(..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+            if eb.in_flight.load(Ordering::Relaxed) < ea.in_flight.load(Ordering::Relaxed) {
+                eb
+            } else {
+                ea
+            }
+        };
+        ep.in_flight.fetch_add(1, Ordering::Relaxed);
+        EndpointLoad(ep.clone())
+    }
+
+    /// Sends one attempt to `ep`. `path` is the client's path and query.
+    pub(crate) async fn send(
+        &self,
+        ep: &EndpointLoad,
+        mut req: Request<UpstreamBody>,
+        path: Option<PathAndQuery>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(ep.0.authority.clone());
+        parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        *req.uri_mut() =
+            Uri::from_parts(parts).map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        match self.client.request(req).await {
+            Ok(resp) => {
+                let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
+                self.count(ep, class);
+                Ok(resp)
+            }
+            Err(e) => {
+                if let Some(b) = find_body_error(&e) {
+                    return Err(match b {
+                        BodyError::TooLarge => UpstreamError::BodyTooLarge,
+                        BodyError::IdleTimeout => {
+                            UpstreamError::ClientBody("request body idle timeout".into())
+                        }
+                    });
+                }
+                if e.is_connect() {
+                    self.count(ep, OUTCOME_CONNECT);
+                    Err(UpstreamError::Connect(error_chain(&e)))
+                } else {
+                    self.count(ep, OUTCOME_RESET);
+                    Err(UpstreamError::Reset(error_chain(&e)))
+                }
+            }
+        }
+    }
+
+    /// Counts an outcome for an endpoint.
+    pub(crate) fn count(&self, ep: &EndpointLoad, outcome: usize) {
+        ep.0.outcomes
+            .inc(outcome, &self.metrics.upstream_requests_total, || {
+                vec![
+                    self.name.clone(),
+                    ep.0.label.clone(),
+                    OUTCOMES[outcome].to_string(),
+                ]
+            });
+    }
+}
+
+impl EndpointLoad {
+    pub(crate) fn label(&self) -> &str {
+        &self.0.label
+    }
+}
+
+impl Drop for EndpointLoad {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn breaker_config(b: &crate::config::BreakerSettings) -> BreakerConfig {
+    BreakerConfig {
+        failure_threshold: b.failure_threshold,
+        failure_rate: b.failure_rate.as_ref().map(|r| FailureRate {
+            threshold: r.threshold,
+            window: r.window.0,
+            min_requests: r.min_requests,
+        }),
+        recovery_timeout: b.recovery_timeout.0,
+        half_open_calls: b.half_open_calls,
+    }
+}
+
+/// "a: b: c" from an error and its sources, for logs.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+// === impl Connector ===
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let fut = self.http.call(uri);
+        Box::pin(async move {
+            let start = Instant::now();
+            let res = fut.await.map_err(Into::into);
+            // Outside a request's scope (a background connect) there is no route to charge.
+            let _ = CONNECT_STAGE.try_with(|h| h.observe(start.elapsed().as_secs_f64()));
+            res
+        })
+    }
+}

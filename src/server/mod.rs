@@ -1,0 +1,3 @@
+//! Client-facing listeners.
+
+pub(crate) mod listener;
