@@ -25,4 +25,10 @@ pub mod bench_api {
     pub mod admission {
         pub use crate::proxy::admission::{Admission, AdmissionLimits, Discipline};
     }
+    pub mod router {
+        pub use crate::proxy::router::Router;
+    }
+    pub mod headers {
+        pub use crate::proxy::headers::{add_forwarding, strip_hop_by_hop};
+    }
 }

@@ -76,7 +76,9 @@ impl Validator<'_> {
         self.warnings.push(issue);
     }
 
-    fn into_error(self) -> ConfigError {
+    fn into_error(mut self) -> ConfigError {
+        // In file order, so the list reads top to bottom like the file.
+        self.issues.sort_by_key(|i| (i.line.unwrap_or(0), i.column.unwrap_or(0)));
         ConfigError {
             issues: self.issues,
         }

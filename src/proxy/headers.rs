@@ -15,7 +15,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Removes hop-by-hop headers. With `upgrade`, `Connection: upgrade` and
 /// `Upgrade` are kept because the next hop must see them to switch protocols.
-pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     // Headers named by Connection are hop-by-hop too. Collect names first: the
     // map cannot be mutated while borrowed. Only allocates when Connection lists
     // something other than the usual tokens.
@@ -74,7 +74,7 @@ pub(crate) fn is_upgrade_request(h: &HeaderMap) -> bool {
 
 /// Adds the forwarding headers: x-request-id (if absent), x-forwarded-for
 /// (appended), x-forwarded-proto and x-forwarded-host (set). Returns the request id.
-pub(crate) fn add_forwarding(
+pub fn add_forwarding(
     h: &mut HeaderMap,
     client_ip: IpAddr,
     https: bool,

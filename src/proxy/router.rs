@@ -9,7 +9,7 @@ use regex::Regex;
 use crate::config::{MatchConfig, PathMatch, RouteConfig};
 
 /// The compiled table: route indexes in config order.
-pub(crate) struct Router {
+pub struct Router {
     entries: Vec<Compiled>,
 }
 
@@ -38,14 +38,14 @@ enum HostMatch {
 impl Router {
     /// Compiles every route; regexes were checked by validation, and one that
     /// somehow fails here matches nothing rather than everything.
-    pub(crate) fn new(routes: &[RouteConfig]) -> Self {
+    pub fn new(routes: &[RouteConfig]) -> Self {
         Router {
             entries: routes.iter().map(|r| Compiled::new(&r.matcher)).collect(),
         }
     }
 
     /// Index of the first route matching the request.
-    pub(crate) fn route<B>(&self, req: &Request<B>) -> Option<usize> {
+    pub fn route<B>(&self, req: &Request<B>) -> Option<usize> {
         let path = req.uri().path();
         let host = request_host(req);
         self.entries
