@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
@@ -13,6 +13,25 @@ use super::schema::*;
 use super::*;
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Headers an identity header must not be: HTTP framing and the forwarding
+/// headers Spillway sets itself.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "grpc-timeout",
+];
 
 /// Parse and validate; the single path shared by `check`, `run` and reload.
 pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
@@ -33,7 +52,7 @@ pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
     let raw: RawConfig = match serde_saphyr::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
-            v.deserialize_error(&e);
+            v.deserialize_error(&e, text);
             return Err(v.into_error());
         }
     };
@@ -78,14 +97,15 @@ impl Validator<'_> {
 
     fn into_error(mut self) -> ConfigError {
         // In file order, so the list reads top to bottom like the file.
-        self.issues.sort_by_key(|i| (i.line.unwrap_or(0), i.column.unwrap_or(0)));
+        self.issues
+            .sort_by_key(|i| (i.line.unwrap_or(0), i.column.unwrap_or(0)));
         ConfigError {
             issues: self.issues,
         }
     }
 
     /// A YAML or schema error from the deserializer: one at a time by nature.
-    fn deserialize_error(&mut self, e: &serde_saphyr::Error) {
+    fn deserialize_error(&mut self, e: &serde_saphyr::Error, text: &str) {
         let loc = e.location();
         let (line, column) = match loc {
             Some(l) if l.line() > 0 => (Some(l.line()), Some(l.column())),
@@ -105,6 +125,13 @@ impl Validator<'_> {
                     None => m.push_str(&format!(", expected one of: {}", expected.join(", "))),
                 }
                 m
+            }
+            serde_saphyr::Error::InvalidScalar { ty, .. } => {
+                let got = match (line, column) {
+                    (Some(l), Some(c)) => scalar_at(text, l, c),
+                    _ => String::new(),
+                };
+                format!("expected {}, got `{got}`", human_type(ty))
             }
             other => strip_location(&other.to_string()),
         };
@@ -254,14 +281,7 @@ impl Validator<'_> {
                     ListenerProtocol::Auto
                 }
             };
-            let tls = l.tls.as_ref().map(|t| ListenerTls {
-                cert: self.readable_file(&format!("{p}.tls.cert"), &t.cert),
-                key: self.readable_file(&format!("{p}.tls.key"), &t.key),
-                client_ca: t
-                    .client_ca
-                    .as_ref()
-                    .map(|c| self.readable_file(&format!("{p}.tls.client_ca"), c)),
-            });
+            let tls = l.tls.as_ref().map(|t| self.listener_tls(&p, t));
             let max_header_bytes = l.max_header_bytes.unwrap_or(Size(64 << 10));
             if max_header_bytes.0 < 8192 || max_header_bytes.0 > (16 << 20) {
                 self.error(
@@ -331,21 +351,7 @@ impl Validator<'_> {
                     "`client_cert` and `client_key` must be set together",
                 );
             }
-            UpstreamTls {
-                server_name: t.server_name.clone(),
-                ca: t
-                    .ca
-                    .as_ref()
-                    .map(|c| self.readable_file(&format!("{p}.tls.ca"), c)),
-                client_cert: t
-                    .client_cert
-                    .as_ref()
-                    .map(|c| self.readable_file(&format!("{p}.tls.client_cert"), c)),
-                client_key: t
-                    .client_key
-                    .as_ref()
-                    .map(|c| self.readable_file(&format!("{p}.tls.client_key"), c)),
-            }
+            self.upstream_tls(&p, t)
         });
         let connect_timeout = u.connect_timeout.unwrap_or(Dur(Duration::from_secs(1)));
         if connect_timeout.0.is_zero() {
@@ -374,6 +380,128 @@ impl Validator<'_> {
             protocol,
             circuit_breaker,
         }
+    }
+
+    /// `listeners[i].tls`: files readable and parsable, key matches certificate,
+    /// certificate not expired (a warning within 14 days of expiry).
+    fn listener_tls(&mut self, p: &str, t: &RawListenerTls) -> ListenerTls {
+        let (cp, kp) = (format!("{p}.tls.cert"), format!("{p}.tls.key"));
+        let before = self.issues.len();
+        let cert = self.readable_file(&cp, &t.cert);
+        let key = self.readable_file(&kp, &t.key);
+        if self.issues.len() == before {
+            self.cert_pair(&cp, &kp, &cert, &key, "certificate");
+        }
+        let client_ca = t.client_ca.as_ref().map(|c| {
+            let path = format!("{p}.tls.client_ca");
+            self.ca_file(&path, c)
+        });
+        let handshake_timeout = t.handshake_timeout.unwrap_or(Dur(Duration::from_secs(10)));
+        if handshake_timeout.0.is_zero() {
+            self.error(
+                &format!("{p}.tls.handshake_timeout"),
+                "must be greater than 0s",
+            );
+        }
+        let max_handshakes =
+            self.positive(&format!("{p}.tls.max_handshakes"), t.max_handshakes, 1024);
+        let hp = format!("{p}.tls.forward_client_identity_header");
+        let forward_client_identity_header =
+            t.forward_client_identity_header
+                .as_ref()
+                .and_then(|h| match HeaderName::from_bytes(h.as_bytes()) {
+                    Ok(name) if RESERVED_HEADERS.contains(&name.as_str()) => {
+                        self.error(
+                            &hp,
+                            format!("`{h}` is a header Spillway or HTTP itself manages; name a header of your own, e.g. `x-client-identity`"),
+                        );
+                        None
+                    }
+                    Ok(name) => {
+                        if client_ca.is_none() {
+                            self.error(
+                                &hp,
+                                "forwarding the client identity needs `client_ca` (without it no client certificate is asked for)",
+                            );
+                        }
+                        Some(name)
+                    }
+                    Err(_) => {
+                        self.error(&hp, format!("`{h}` is not a valid header name"));
+                        None
+                    }
+                });
+        ListenerTls {
+            cert,
+            key,
+            client_ca,
+            handshake_timeout,
+            max_handshakes,
+            forward_client_identity_header,
+        }
+    }
+
+    /// `upstreams.NAME.tls`: server name valid, CA and client certificate usable.
+    fn upstream_tls(&mut self, p: &str, t: &RawUpstreamTls) -> UpstreamTls {
+        if let Some(n) = &t.server_name {
+            if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
+                self.error(
+                    &format!("{p}.tls.server_name"),
+                    format!("`{n}` is not a DNS name or IP address"),
+                );
+            }
+        }
+        let ca = t.ca.as_ref().map(|c| {
+            let path = format!("{p}.tls.ca");
+            self.ca_file(&path, c)
+        });
+        let (cp, kp) = (
+            format!("{p}.tls.client_cert"),
+            format!("{p}.tls.client_key"),
+        );
+        let before = self.issues.len();
+        let client_cert = t.client_cert.as_ref().map(|c| self.readable_file(&cp, c));
+        let client_key = t.client_key.as_ref().map(|k| self.readable_file(&kp, k));
+        if let (Some(c), Some(k)) = (&client_cert, &client_key) {
+            if self.issues.len() == before {
+                self.cert_pair(&cp, &kp, c, k, "client certificate");
+            }
+        }
+        UpstreamTls {
+            server_name: t.server_name.clone(),
+            ca,
+            client_cert,
+            client_key,
+        }
+    }
+
+    /// A certificate and its key: parse, match, validity period.
+    fn cert_pair(&mut self, cp: &str, kp: &str, cert: &Path, key: &Path, what: &str) {
+        use crate::server::tls;
+        match tls::load_pair(cert, key) {
+            Err(tls::PairError::Cert(m)) => self.error(cp, m),
+            Err(tls::PairError::Key(m)) => self.error(kp, m),
+            Ok(pair) => {
+                let what = format!("{what} `{}`", cert.display());
+                match tls::judge_expiry(&what, &pair.info, tls::now_unix()) {
+                    Err(m) => self.error(cp, m),
+                    Ok(Some(w)) => self.warn(cp, w),
+                    Ok(None) => {}
+                }
+            }
+        }
+    }
+
+    /// A CA bundle: readable, and every certificate in it parses.
+    fn ca_file(&mut self, path: &str, file: &str) -> PathBuf {
+        let before = self.issues.len();
+        let pb = self.readable_file(path, file);
+        if self.issues.len() == before {
+            if let Err(m) = crate::server::tls::load_roots(&pb) {
+                self.error(path, m);
+            }
+        }
+        pb
     }
 
     fn breaker(&mut self, p: &str, b: &RawBreaker) -> BreakerSettings {
@@ -1067,6 +1195,28 @@ fn levenshtein(a: &str, b: &str) -> usize {
         std::mem::swap(&mut prev, &mut cur);
     }
     prev[b.len()]
+}
+
+/// The plain scalar written at a 1-based line and column (to quote it back).
+fn scalar_at(text: &str, line: u64, column: u64) -> String {
+    let Some(l) = text.lines().nth(line.saturating_sub(1) as usize) else {
+        return String::new();
+    };
+    let rest: String = l.chars().skip(column.saturating_sub(1) as usize).collect();
+    let end = rest.find([',', '}', ']', '#']).unwrap_or(rest.len());
+    rest[..end].trim().trim_matches(['"', '\'']).chars().take(60).collect()
+}
+
+/// What a Rust scalar type means to someone writing YAML.
+fn human_type(ty: &str) -> &'static str {
+    match ty {
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a whole number (0 or more)",
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "bool" => "true or false",
+        "char" => "a single character",
+        _ => "a different kind of value",
+    }
 }
 
 /// serde-saphyr messages may end with "at line X column Y"; we print the position ourselves.

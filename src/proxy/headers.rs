@@ -29,7 +29,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
                 !t.is_empty()
                     && !t.eq_ignore_ascii_case("close")
                     && !t.eq_ignore_ascii_case("keep-alive")
-                    && !(upgrade && t.eq_ignore_ascii_case("upgrade"))
+                    && (!upgrade || !t.eq_ignore_ascii_case("upgrade"))
             })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();

@@ -1,0 +1,591 @@
+//! Config validation (SPEC §1-2): every error class names the file, line and
+//! column, the field path, what was expected and, where it applies, the
+//! closest valid name; and `spillway check` exit codes.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use spillway::config::{load_str, ConfigIssue};
+use support::TempDir;
+
+const FILE: &str = "t.yaml";
+
+/// 1-based (line, column) of the first occurrence of `needle`; panics if the
+/// needle is missing or not unique, so expectations stay unambiguous.
+fn pos(text: &str, needle: &str) -> (u64, u64) {
+    let idx = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("`{needle}` not in config"));
+    assert_eq!(
+        text.matches(needle).count(),
+        1,
+        "`{needle}` is not unique in the config"
+    );
+    let before = &text[..idx];
+    let line = before.matches('\n').count() as u64 + 1;
+    let col = (idx - before.rfind('\n').map(|i| i + 1).unwrap_or(0)) as u64 + 1;
+    (line, col)
+}
+
+fn issues(yaml: &str) -> Vec<ConfigIssue> {
+    match load_str(yaml, FILE) {
+        Ok(_) => panic!("config should be rejected:\n{yaml}"),
+        Err(e) => {
+            assert!(
+                !e.issues.is_empty(),
+                "a ConfigError must carry at least one issue"
+            );
+            // Display: one issue per line.
+            let shown = e.to_string();
+            for issue in &e.issues {
+                assert!(
+                    shown.contains(&issue.to_string()),
+                    "Display lists every issue:\n{shown}"
+                );
+            }
+            e.issues
+        }
+    }
+}
+
+fn show(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Finds the issue whose path starts with `path` and checks its file, line,
+/// column (one of `cols`) and that its message contains every `needles`.
+fn expect_issue<'a>(
+    all: &'a [ConfigIssue],
+    path: &str,
+    line: u64,
+    cols: &[u64],
+    needles: &[&str],
+) -> &'a ConfigIssue {
+    let issue = all
+        .iter()
+        .find(|i| {
+            i.path == path
+                || i.path.starts_with(&format!("{path}."))
+                || i.path.starts_with(&format!("{path}["))
+        })
+        .unwrap_or_else(|| panic!("no issue for `{path}` in:\n{}", show(all)));
+    assert_eq!(issue.file, FILE, "{issue}");
+    assert_eq!(issue.line, Some(line), "line of: {issue}");
+    let col = issue
+        .column
+        .unwrap_or_else(|| panic!("no column in: {issue}"));
+    assert!(cols.contains(&col), "column {col} not in {cols:?}: {issue}");
+    for n in needles {
+        assert!(
+            issue.message.to_lowercase().contains(&n.to_lowercase()),
+            "message lacks `{n}`: {issue}"
+        );
+    }
+    // Display: "{file}:{line}:{column}: {path}: {message}".
+    assert_eq!(
+        issue.to_string(),
+        format!(
+            "{}:{}:{}: {}: {}",
+            issue.file, line, col, issue.path, issue.message
+        )
+    );
+    issue
+}
+
+const VALID: &str = r#"version: 1
+listeners:
+  - name: inbound
+    bind: 127.0.0.1:0
+admin:
+  bind: 127.0.0.1:0
+upstreams:
+  app:
+    endpoints: ["127.0.0.1:3000"]
+routes:
+  - name: all
+    match:
+      path_prefix: /
+    upstream: app
+"#;
+
+#[test]
+fn a_valid_config_loads_without_warnings() {
+    let loaded = load_str(VALID, FILE).unwrap_or_else(|e| panic!("{e}"));
+    assert!(loaded.warnings.is_empty(), "{}", show(&loaded.warnings));
+}
+
+#[test]
+fn yaml_syntax_error_names_line_and_column() {
+    let yaml = VALID.replace("    bind: 127.0.0.1:0\nadmin", "    bind: @oops\nadmin");
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "@oops");
+    let issue = &all[0];
+    assert_eq!(issue.file, FILE, "{issue}");
+    assert_eq!(issue.line, Some(line), "syntax error line: {issue}");
+    let c = issue.column.expect("syntax error column");
+    assert!(
+        c >= 5 && c <= col + 1,
+        "column {c} should point at or before `@` (col {col}): {issue}"
+    );
+    assert!(
+        issue
+            .to_string()
+            .starts_with(&format!("{FILE}:{line}:{c}:")),
+        "{issue}"
+    );
+}
+
+#[test]
+fn unknown_field_suggests_the_closest_name() {
+    let yaml = VALID.replace(
+        "    endpoints: [\"127.0.0.1:3000\"]\n",
+        "    endpoints: [\"127.0.0.1:3000\"]\n    connect_timout: 1s\n",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "connect_timout");
+    expect_issue(
+        &all,
+        "upstreams.app",
+        line,
+        &[col],
+        &[
+            "unknown field `connect_timout`",
+            "did you mean `connect_timeout`?",
+        ],
+    );
+
+    // In a route, too.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    max_request_bod: 1MiB\n",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "max_request_bod:");
+    expect_issue(
+        &all,
+        "routes[0]",
+        line,
+        &[col],
+        &["did you mean `max_request_body`?"],
+    );
+
+    // In a listener.
+    let yaml = VALID.replace(
+        "    bind: 127.0.0.1:0\nadmin",
+        "    bind: 127.0.0.1:0\n    request_header_timout: 5s\nadmin",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "request_header_timout");
+    expect_issue(
+        &all,
+        "listeners[0]",
+        line,
+        &[col],
+        &["did you mean `request_header_timeout`?"],
+    );
+}
+
+#[test]
+fn wrong_type_says_what_was_expected() {
+    let yaml = VALID.replace(
+        "    bind: 127.0.0.1:0\nadmin",
+        "    bind: 127.0.0.1:0\n    max_connections: lots\nadmin",
+    );
+    let all = issues(&yaml);
+    let (line, key_col) = pos(&yaml, "max_connections");
+    let (_, val_col) = pos(&yaml, "lots");
+    expect_issue(
+        &all,
+        "listeners[0].max_connections",
+        line,
+        &[key_col, val_col],
+        &["expected"],
+    );
+
+    // A mapping where a list is expected.
+    let yaml = VALID.replace(
+        "    endpoints: [\"127.0.0.1:3000\"]",
+        "    endpoints: {a: b}",
+    );
+    let all = issues(&yaml);
+    let (line, key_col) = pos(&yaml, "endpoints");
+    let (_, val_col) = pos(&yaml, "{a: b}");
+    expect_issue(
+        &all,
+        "upstreams.app.endpoints",
+        line,
+        &[key_col, val_col],
+        &["expected"],
+    );
+}
+
+#[test]
+fn enum_value_lists_the_choices() {
+    let yaml = VALID.replace(
+        "    endpoints: [\"127.0.0.1:3000\"]\n",
+        "    endpoints: [\"127.0.0.1:3000\"]\n    protocol: http3\n",
+    );
+    let all = issues(&yaml);
+    let (line, key_col) = pos(&yaml, "protocol");
+    let (_, val_col) = pos(&yaml, "http3");
+    expect_issue(
+        &all,
+        "upstreams.app.protocol",
+        line,
+        &[key_col, val_col],
+        &["http1", "http2"],
+    );
+}
+
+#[test]
+fn bad_duration_is_reported_with_position() {
+    for bad in ["5 parsecs", "10", "-3s", "1.5.2s"] {
+        let yaml = VALID.replace(
+            "    endpoints: [\"127.0.0.1:3000\"]\n",
+            &format!("    endpoints: [\"127.0.0.1:3000\"]\n    connect_timeout: \"{bad}\"\n"),
+        );
+        let all = issues(&yaml);
+        let (line, key_col) = pos(&yaml, "connect_timeout");
+        let (_, val_col) = pos(&yaml, &format!("\"{bad}\""));
+        expect_issue(
+            &all,
+            "upstreams.app.connect_timeout",
+            line,
+            &[key_col, val_col, val_col + 1],
+            &["duration"],
+        );
+    }
+}
+
+#[test]
+fn bad_size_is_reported_with_position() {
+    for bad in ["10 megs", "1XB", "-1KiB"] {
+        let yaml = VALID.replace(
+            "    upstream: app\n",
+            &format!("    upstream: app\n    max_request_body: \"{bad}\"\n"),
+        );
+        let all = issues(&yaml);
+        let (line, key_col) = pos(&yaml, "max_request_body");
+        let (_, val_col) = pos(&yaml, &format!("\"{bad}\""));
+        expect_issue(
+            &all,
+            "routes[0].max_request_body",
+            line,
+            &[key_col, val_col, val_col + 1],
+            &["size"],
+        );
+    }
+}
+
+#[test]
+fn unknown_upstream_suggests_the_closest_name() {
+    let yaml = VALID.replace("    upstream: app\n", "    upstream: ap\n");
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "ap\n");
+    let issue = expect_issue(
+        &all,
+        "routes[0].upstream",
+        line,
+        &[col],
+        &["unknown upstream `ap`"],
+    );
+    assert_eq!(
+        issue.to_string(),
+        format!(
+            "{FILE}:{line}:{col}: routes[0].upstream: unknown upstream `ap` (did you mean `app`?)"
+        )
+    );
+}
+
+#[test]
+fn duplicate_route_names_are_rejected() {
+    let yaml =
+        format!("{VALID}  - name: all\n    match:\n      path_prefix: /again\n    upstream: app\n");
+    let all = issues(&yaml);
+    // The second `name: all`.
+    let lines: Vec<usize> = yaml
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| *l == "  - name: all")
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(lines.len(), 2);
+    expect_issue(
+        &all,
+        "routes[1].name",
+        lines[1] as u64,
+        &[5, 11],
+        &["duplicate", "all"],
+    );
+}
+
+#[test]
+fn duplicate_listener_names_are_rejected() {
+    let yaml = VALID.replace("admin:", "  - name: inbound\n    bind: 127.0.0.1:0\nadmin:");
+    let all = issues(&yaml);
+    expect_issue(
+        &all,
+        "listeners[1].name",
+        5,
+        &[5, 11],
+        &["duplicate", "inbound"],
+    );
+}
+
+#[test]
+fn missing_version_is_rejected() {
+    let yaml = VALID.replace("version: 1\n", "");
+    let all = issues(&yaml);
+    let issue = all
+        .iter()
+        .find(|i| i.path == "version" || i.message.contains("version"))
+        .unwrap_or_else(|| panic!("no version issue in:\n{}", show(&all)));
+    assert_eq!(issue.file, FILE);
+    assert!(
+        issue.message.contains("missing") || issue.message.contains("required"),
+        "says the field is missing: {issue}"
+    );
+}
+
+#[test]
+fn wrong_version_is_rejected() {
+    let yaml = VALID.replace("version: 1\n", "version: 2\n");
+    let all = issues(&yaml);
+    let issue = expect_issue(&all, "version", 1, &[1, 10], &[]);
+    assert!(
+        issue.message.contains('1') && issue.message.contains('2'),
+        "names supported and found versions: {issue}"
+    );
+}
+
+#[test]
+fn empty_listeners_are_rejected() {
+    let yaml = VALID.replace(
+        "listeners:\n  - name: inbound\n    bind: 127.0.0.1:0\n",
+        "listeners: []\n",
+    );
+    let all = issues(&yaml);
+    let (line, key_col) = pos(&yaml, "listeners: []");
+    expect_issue(
+        &all,
+        "listeners",
+        line,
+        &[key_col, key_col + 11],
+        &["at least one"],
+    );
+}
+
+#[test]
+fn bad_regex_is_reported_with_position() {
+    let yaml = VALID.replace(
+        "      path_prefix: /\n",
+        "      path_regex: \"^/items/([0-9]+\"\n",
+    );
+    let all = issues(&yaml);
+    let (line, key_col) = pos(&yaml, "path_regex");
+    let (_, val_col) = pos(&yaml, "\"^/items");
+    expect_issue(
+        &all,
+        "routes[0].match.path_regex",
+        line,
+        &[key_col, val_col, val_col + 1],
+        &["regex"],
+    );
+}
+
+#[test]
+fn bad_bind_address_is_reported() {
+    let yaml = VALID.replace(
+        "    bind: 127.0.0.1:0\nadmin",
+        "    bind: not-an-address\nadmin",
+    );
+    let all = issues(&yaml);
+    let (line, key_col) = pos(&yaml, "bind: not-an-address");
+    expect_issue(
+        &all,
+        "listeners[0].bind",
+        line,
+        &[key_col, key_col + 6],
+        &[],
+    );
+}
+
+#[test]
+fn several_semantic_errors_are_reported_at_once() {
+    let yaml = r#"version: 1
+listeners:
+  - name: inbound
+    bind: 127.0.0.1:0
+admin:
+  bind: 127.0.0.1:0
+upstreams:
+  app:
+    endpoints: ["127.0.0.1:3000"]
+routes:
+  - name: one
+    match:
+      path_prefix: /one
+    upstream: apq
+  - name: two
+    match:
+      path_regex: "(["
+    upstream: app
+  - name: one
+    match:
+      path_prefix: /three
+    upstream: nowhere
+"#;
+    let all = issues(yaml);
+    assert!(
+        all.len() >= 4,
+        "every problem is reported at once, got:\n{}",
+        show(&all)
+    );
+    expect_issue(
+        &all,
+        "routes[0].upstream",
+        14,
+        &[15],
+        &["unknown upstream `apq`", "did you mean `app`?"],
+    );
+    expect_issue(
+        &all,
+        "routes[1].match.path_regex",
+        17,
+        &[7, 19, 20],
+        &["regex"],
+    );
+    expect_issue(&all, "routes[2].name", 19, &[5, 11], &["duplicate"]);
+    expect_issue(
+        &all,
+        "routes[2].upstream",
+        22,
+        &[15],
+        &["unknown upstream `nowhere`"],
+    );
+}
+
+#[test]
+fn a_shadowed_route_is_a_warning() {
+    let yaml =
+        format!("{VALID}  - name: never\n    match:\n      path_prefix: /api\n    upstream: app\n");
+    let loaded =
+        load_str(&yaml, FILE).unwrap_or_else(|e| panic!("a shadowed route is only a warning: {e}"));
+    let w = loaded
+        .warnings
+        .iter()
+        .find(|w| w.path.starts_with("routes[1]"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no warning for the shadowed route: {}",
+                show(&loaded.warnings)
+            )
+        });
+    assert_eq!(w.file, FILE);
+    assert!(w.line.is_some(), "{w}");
+    assert!(
+        w.message.contains("shadow") || w.message.contains("never match"),
+        "{w}"
+    );
+    assert!(w.message.contains("all"), "names the shadowing route: {w}");
+}
+
+// ---------------------------------------------------------------------------
+// spillway check
+// ---------------------------------------------------------------------------
+
+fn spillway(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(args)
+        .env_remove("SPILLWAY_CONFIG")
+        .env("SPILLWAY_LOG", "warn")
+        .output()
+        .expect("run spillway")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn check_accepts_a_valid_file_with_a_one_line_summary() {
+    let dir = TempDir::new("check-ok");
+    let path = dir.write("ok.yaml", VALID);
+    let out = spillway(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one-line summary, got:\n{stdout}");
+}
+
+#[test]
+fn check_rejects_an_invalid_file_printing_every_issue() {
+    let dir = TempDir::new("check-bad");
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: ap\n    max_request_bod: 1MiB\n",
+    );
+    let path = dir.write("bad.yaml", &yaml);
+    let out = spillway(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("bad.yaml:15:5"),
+        "file:line:column of the unknown field:\n{all}"
+    );
+    assert!(all.contains("did you mean `max_request_body`?"), "{all}");
+
+    let yaml = VALID.replace("    upstream: app\n", "    upstream: ap\n");
+    let path = dir.write("bad2.yaml", &yaml);
+    let out = spillway(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains("bad2.yaml:14:15"), "{all}");
+    assert!(all.contains("routes[0].upstream"), "{all}");
+    assert!(all.contains("did you mean `app`?"), "{all}");
+}
+
+#[test]
+fn check_of_a_missing_file_is_a_config_error() {
+    let dir = TempDir::new("check-missing");
+    let path = dir.path().join("does-not-exist.yaml");
+    let out = spillway(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("does-not-exist.yaml"),
+        "names the file: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["check", "--no-such-flag"][..],
+        &["frobnicate"][..],
+        &["check", "--config"][..],
+    ] {
+        let out = spillway(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+    }
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let out = spillway(&["--version"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        text(&out)
+    );
+}
