@@ -15,8 +15,11 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::config::units::format_duration;
+use crate::config::QueueDiscipline;
 use crate::error::Reason;
 use crate::proxy::Shared;
+use crate::registry::{Route, TIMEOUT_STAGES};
 use crate::shutdown::{Phase, Tracker};
 
 /// What the admin endpoints read.
@@ -103,16 +106,16 @@ fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
             });
             reply(StatusCode::OK, "application/json", pretty(&body))
         }
-        "/status.json" => reply(
+        "/status.json" => no_store(reply(
             StatusCode::OK,
             "application/json",
             pretty(&status_json(state)),
-        ),
-        "/status" => reply(
+        )),
+        "/status" => no_store(reply(
             StatusCode::OK,
             "text/html; charset=utf-8",
             status_html(&status_json(state)),
-        ),
+        )),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -121,55 +124,129 @@ fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     }
 }
 
-/// Live state of every route and upstream.
+/// How often the /status page refreshes itself from /status.json.
+const STATUS_REFRESH_SECS: u64 = 2;
+
+/// Live state of every route and upstream: what `/status.json` serves and
+/// `/status` renders. Keys are only ever added; scripts may rely on them.
 pub(crate) fn status_json(state: &AdminState) -> serde_json::Value {
     let snap = state.shared.snapshot.load();
-    let routes: Vec<_> = snap
-        .routes
-        .iter()
-        .map(|r| {
-            let s = r.state.admission.stats();
-            let rejections: serde_json::Map<String, serde_json::Value> = REJECTION_REASONS
-                .iter()
-                .map(|reason| {
-                    (
-                        reason.as_str().to_string(),
-                        json!(r.state.rejections.get(reason.index())),
-                    )
-                })
-                .filter(|(_, v)| v.as_u64() != Some(0))
-                .collect();
-            json!({
-                "name": r.config.name,
-                "upstream": r.config.upstream,
-                "max_in_flight": s.max_in_flight,
-                "in_flight": s.in_flight,
-                "queue_depth": s.queue_depth,
-                "queue_capacity": s.max_depth,
-                "queue_depth_peak": s.queue_depth_peak,
-                "lifo_active": s.lifo_active,
-                "rejections": rejections,
-            })
-        })
-        .collect();
+    let routes: Vec<serde_json::Value> = snap.routes.iter().map(route_status).collect();
     let upstreams: Vec<_> = snap
         .upstreams
         .iter()
         .map(|u| {
+            let mine: Vec<&serde_json::Value> = routes
+                .iter()
+                .filter(|r| r["upstream"].as_str() == Some(u.name.as_str()))
+                .collect();
+            let in_flight: u64 = mine.iter().filter_map(|r| r["in_flight"].as_u64()).sum();
+            let names: Vec<&serde_json::Value> = mine.iter().map(|r| &r["name"]).collect();
+            let settings = u.config.circuit_breaker.as_ref().map(|b| {
+                json!({
+                    "failure_threshold": b.failure_threshold,
+                    "failure_rate": b.failure_rate.as_ref().map(|f| json!({
+                        "threshold": f.threshold,
+                        "window": format_duration(f.window.0),
+                        "min_requests": f.min_requests,
+                    })),
+                    "recovery_timeout": format_duration(b.recovery_timeout.0),
+                    "half_open_calls": b.half_open_calls,
+                })
+            });
             json!({
                 "name": u.name,
                 "endpoints": u.config.endpoints,
                 "breaker": u.breaker.as_ref().map(|b| b.state().as_str()),
+                "breaker_settings": settings,
+                "routes": names,
+                "in_flight": in_flight,
             })
         })
         .collect();
+    let loaded = snap
+        .loaded_at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "generation": snap.generation,
+        "loaded_at_unix": loaded,
+        "source": snap.config.source.file,
         "phase": format!("{:?}", state.shared.shutdown.phase()).to_lowercase(),
         "global_in_flight": snap.global.in_flight(),
         "global_limit": snap.config.limits.max_in_flight,
+        "restart_required": *state.restart_required.lock(),
+        "refresh_seconds": STATUS_REFRESH_SECS,
         "routes": routes,
         "upstreams": upstreams,
+    })
+}
+
+/// One route's live state and the limits it runs under.
+fn route_status(r: &Route) -> serde_json::Value {
+    let st = &r.state;
+    let s = st.admission.stats();
+    let rejections: serde_json::Map<String, serde_json::Value> = REJECTION_REASONS
+        .iter()
+        .map(|reason| {
+            (
+                reason.as_str().to_string(),
+                json!(st.rejections.get(reason.index())),
+            )
+        })
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .collect();
+    let rejections_total: u64 = REJECTION_REASONS
+        .iter()
+        .map(|reason| st.rejections.get(reason.index()))
+        .sum();
+    // `requests` slots are (status class - 1) * Reason::COUNT + reason.
+    let mut requests = serde_json::Map::new();
+    let mut requests_total = 0;
+    for class in 1..=5usize {
+        let n: u64 = (0..Reason::COUNT)
+            .map(|i| st.requests.get((class - 1) * Reason::COUNT + i))
+            .sum();
+        requests_total += n;
+        if n > 0 {
+            requests.insert(format!("{class}xx"), json!(n));
+        }
+    }
+    let timeouts: serde_json::Map<String, serde_json::Value> = TIMEOUT_STAGES
+        .iter()
+        .enumerate()
+        .map(|(i, stage)| (stage.to_string(), json!(st.timeouts.get(i))))
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .collect();
+    // One slot per retry cause; slots past the end read 0, so a generous
+    // bound stays right if causes are added.
+    let retries_total: u64 = (0..64).map(|i| st.retries.get(i)).sum();
+    json!({
+        "name": r.config.name,
+        "upstream": r.config.upstream,
+        "max_in_flight": s.max_in_flight,
+        "in_flight": s.in_flight,
+        "queue_depth": s.queue_depth,
+        "queue_capacity": s.max_depth,
+        "queue_depth_peak": s.queue_depth_peak,
+        "lifo_active": s.lifo_active,
+        "rejections": rejections,
+        "rejections_total": rejections_total,
+        "discipline": match r.config.queue.discipline {
+            QueueDiscipline::Fifo => "fifo",
+            QueueDiscipline::AdaptiveLifo => "adaptive_lifo",
+        },
+        "max_wait": format_duration(r.config.queue.max_wait.0),
+        "request_timeout": format_duration(r.config.timeouts.request.0),
+        "per_try_timeout": r.config.timeouts.per_try.map(|d| format_duration(d.0)),
+        "breaker": r.upstream.breaker.as_ref().map(|b| b.state().as_str()),
+        "requests": requests,
+        "requests_total": requests_total,
+        "timeouts": timeouts,
+        "retries_total": retries_total,
+        "retry_budget_exhausted": st.budget_exhausted.get(),
     })
 }
 
@@ -183,39 +260,369 @@ const REJECTION_REASONS: [Reason; 7] = [
     Reason::NoRoute,
 ];
 
+/// The /status page: self-contained (no external assets, since the admin port
+/// may be the only thing reachable), readable without JavaScript (rows are
+/// rendered here), and refreshed in place by a small script that polls
+/// /status.json and re-renders the same markup (`STATUS_JS` mirrors
+/// `route_row` and `upstream_row`).
 fn status_html(v: &serde_json::Value) -> String {
-    let mut rows = String::new();
-    for r in v["routes"].as_array().into_iter().flatten() {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}/{}</td><td>{}/{} (peak {})</td><td>{}</td></tr>",
-            esc(r["name"].as_str().unwrap_or("")),
-            esc(r["upstream"].as_str().unwrap_or("")),
-            r["in_flight"],
-            r["max_in_flight"],
-            r["queue_depth"],
-            r["queue_capacity"],
-            r["queue_depth_peak"],
-            esc(&r["rejections"].to_string()),
-        ));
-    }
-    let mut ups = String::new();
-    for u in v["upstreams"].as_array().into_iter().flatten() {
-        ups.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(u["name"].as_str().unwrap_or("")),
-            esc(&u["endpoints"].to_string()),
-            esc(u["breaker"].as_str().unwrap_or("none")),
-        ));
-    }
+    let routes: String = v["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(route_row)
+        .collect();
+    let upstreams: String = v["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(upstream_row)
+        .collect();
+    let restart: Vec<String> = v["restart_required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str().map(esc))
+        .collect();
+    let phase = esc(v["phase"].as_str().unwrap_or(""));
+    let refresh = v["refresh_seconds"].as_u64().unwrap_or(STATUS_REFRESH_SECS);
     format!(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>Spillway status</title>\
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>\
-<body><h1>Spillway</h1><p>config generation {} &middot; {} &middot; global in-flight {}/{}</p>\
-<h2>Routes</h2><table><tr><th>route</th><th>upstream</th><th>in-flight/cap</th><th>queue/capacity</th><th>rejections</th></tr>{}</table>\
-<h2>Upstreams</h2><table><tr><th>upstream</th><th>endpoints</th><th>breaker</th></tr>{}</table></body></html>",
-        v["generation"], esc(v["phase"].as_str().unwrap_or("")), v["global_in_flight"], v["global_limit"], rows, ups
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Spillway status</title>
+<noscript><meta http-equiv="refresh" content="{refresh}"></noscript>
+<style>{css}</style></head>
+<body data-refreshes="0">
+<header><h1>Spillway <small id="version">{version}</small></h1>
+<p id="summary">config generation <b id="generation">{generation}</b> &middot; loaded <span id="loaded">{loaded}</span> from <code id="source">{source}</code> &middot; phase <b id="phase" class="phase-{phase}">{phase}</b> &middot; global in-flight <b id="global">{gin} / {glimit}</b></p>
+<p id="restart" class="warn"{restart_hidden}>restart required for: <span id="restart-fields">{restart}</span></p>
+<p id="live" class="muted">rendered by the server; refreshes every {refresh} s</p></header>
+<h2>Routes</h2>
+<table id="routes"><thead><tr><th>route</th><th>upstream</th><th>in-flight / cap</th><th>queue / capacity</th><th>peak</th><th>rejections</th><th>recent rej/s</th><th>breaker</th><th>requests</th></tr></thead>
+<tbody>{routes}</tbody></table>
+<h2>Upstreams</h2>
+<table id="upstreams"><thead><tr><th>upstream</th><th>endpoints</th><th>breaker</th><th>breaker settings</th><th>routes</th><th>in-flight</th></tr></thead>
+<tbody>{upstreams}</tbody></table>
+<footer class="muted">also: <a href="status.json">status.json</a> &middot; <a href="metrics">metrics</a> &middot; <a href="config">config</a></footer>
+<script>{js}</script>
+</body></html>
+"#,
+        css = STATUS_CSS,
+        js = STATUS_JS.replace("__REFRESH_MS__", &(refresh * 1000).to_string()),
+        version = esc(v["version"].as_str().unwrap_or("")),
+        generation = v["generation"],
+        loaded = iso_utc(v["loaded_at_unix"].as_f64().unwrap_or(0.0)),
+        source = esc(v["source"].as_str().unwrap_or("")),
+        gin = v["global_in_flight"],
+        glimit = v["global_limit"],
+        restart_hidden = if restart.is_empty() { " hidden" } else { "" },
+        restart = restart.join(", "),
     )
 }
+
+fn route_row(r: &serde_json::Value) -> String {
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    let name = esc(r["name"].as_str().unwrap_or(""));
+    let (inf, cap, depth, qcap) = (
+        n("in_flight"),
+        n("max_in_flight"),
+        n("queue_depth"),
+        n("queue_capacity"),
+    );
+    let lifo = if r["lifo_active"].as_bool() == Some(true) {
+        " <span class=\"badge b-open\">LIFO</span>"
+    } else {
+        ""
+    };
+    format!(
+        "<tr class=\"route\" data-route=\"{name}\" data-in-flight=\"{inf}\" data-max-in-flight=\"{cap}\" data-queue-depth=\"{depth}\" data-queue-capacity=\"{qcap}\">\
+<td class=\"name\">{name}</td><td class=\"upstream\">{upstream}</td>\
+<td class=\"inflight\">{bar1}<span class=\"num\">{inf} / {cap}</span></td>\
+<td class=\"queue\">{bar2}<span class=\"num\">{depth} / {qcap}</span> <small>{disc} &le; {wait}</small>{lifo}</td>\
+<td class=\"peak\">{peak}</td>\
+<td class=\"rej\"><span class=\"num\">{rej}</span> <small>{reasons}</small></td>\
+<td class=\"rate\">&ndash;</td>\
+<td class=\"breaker\">{breaker}</td>\
+<td class=\"req\">{requests}</td></tr>",
+        upstream = esc(r["upstream"].as_str().unwrap_or("")),
+        bar1 = bar(inf, cap),
+        bar2 = bar(depth, qcap),
+        disc = esc(r["discipline"].as_str().unwrap_or("")),
+        wait = esc(r["max_wait"].as_str().unwrap_or("")),
+        peak = n("queue_depth_peak"),
+        rej = n("rejections_total"),
+        reasons = counts(&r["rejections"]),
+        breaker = badge(r["breaker"].as_str()),
+        requests = counts(&r["requests"]),
+    )
+}
+
+fn upstream_row(u: &serde_json::Value) -> String {
+    let name = esc(u["name"].as_str().unwrap_or(""));
+    let list = |k: &str| {
+        u[k].as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(esc))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let settings = match u["breaker_settings"].as_object() {
+        Some(b) => esc(&breaker_text(b)),
+        None => "&ndash;".to_string(),
+    };
+    format!(
+        "<tr class=\"upstream\" data-upstream=\"{name}\" data-breaker=\"{state}\">\
+<td class=\"name\">{name}</td><td class=\"endpoints\">{endpoints}</td>\
+<td class=\"breaker\">{breaker}</td><td class=\"settings\">{settings}</td>\
+<td class=\"routes\">{routes}</td><td class=\"inflight\">{inf}</td></tr>",
+        state = esc(u["breaker"].as_str().unwrap_or("none")),
+        endpoints = list("endpoints"),
+        breaker = badge(u["breaker"].as_str()),
+        routes = list("routes"),
+        inf = u["in_flight"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The breaker settings in words (the page's script has the same function).
+fn breaker_text(b: &serde_json::Map<String, serde_json::Value>) -> String {
+    let field = |k: &str| match b.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    };
+    let mut text = format!(
+        "opens after {} failures in a row",
+        field("failure_threshold")
+    );
+    if let Some(rate) = b.get("failure_rate").and_then(|r| r.as_object()) {
+        let pct = rate
+            .get("threshold")
+            .and_then(|t| t.as_f64())
+            .unwrap_or(0.0)
+            * 100.0;
+        text.push_str(&format!(
+            " or {pct:.0}% of {} (at least {} requests)",
+            rate.get("window").and_then(|w| w.as_str()).unwrap_or(""),
+            rate.get("min_requests").unwrap_or(&json!(0)),
+        ));
+    }
+    text.push_str(&format!(
+        " \u{b7} recovery {} \u{b7} {} half-open probes",
+        field("recovery_timeout"),
+        field("half_open_calls")
+    ));
+    text
+}
+
+/// A fill bar: amber from 75 %, red when full.
+fn bar(n: u64, cap: u64) -> String {
+    // An empty capacity (no queue) reads full as soon as anything is in it.
+    let pct = match n.saturating_mul(100).checked_div(cap) {
+        Some(p) => p.min(100),
+        None if n == 0 => 0,
+        None => 100,
+    };
+    let class = match pct {
+        100 => "bar full",
+        75..=99 => "bar high",
+        _ => "bar",
+    };
+    format!("<div class=\"{class}\"><span style=\"width:{pct}%\"></span></div>")
+}
+
+fn badge(state: Option<&str>) -> String {
+    match state {
+        Some(s) => {
+            let s = esc(s);
+            format!("<span class=\"badge b-{s}\">{s}</span>")
+        }
+        None => "<span class=\"muted\">none</span>".to_string(),
+    }
+}
+
+/// `{"queue_full": 4, "queue_timeout": 1}` -> `queue_full 4 · queue_timeout 1`.
+fn counts(v: &serde_json::Value) -> String {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, n)| format!("{} {}", esc(k), n))
+        .collect::<Vec<_>>()
+        .join(" &middot; ")
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC), what the page's script
+/// prints too (civil-from-days, Howard Hinnant's algorithm).
+fn iso_utc(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+const STATUS_CSS: &str = "\
+body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5em 2em;color:#1d232a;background:#fafbfc}\
+h1{margin:0 0 .2em;font-size:1.6em}h1 small{font-weight:normal;color:#6a737d;font-size:.6em}\
+h2{margin:1.2em 0 .4em;font-size:1.15em}\
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px rgba(0,0,0,.08)}\
+th,td{border:1px solid #e1e4e8;padding:5px 9px;text-align:left;vertical-align:middle}\
+th{background:#f3f5f7;font-weight:600;font-size:.9em}\
+td.peak,td.rate,td.inflight,td.queue,td.rej{font-variant-numeric:tabular-nums;white-space:nowrap}\
+small,.muted{color:#6a737d}code{font-size:.95em}\
+.bar{display:inline-block;width:70px;height:9px;background:#e9ecef;border-radius:4px;margin-right:7px;overflow:hidden;vertical-align:middle}\
+.bar span{display:block;height:100%;background:#2f9e44}.bar.high span{background:#f08c00}.bar.full span{background:#e03131}\
+.badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:.85em;font-weight:600;color:#fff;background:#868e96}\
+.b-closed{background:#2f9e44}.b-half_open{background:#f08c00}.b-open{background:#e03131}\
+.phase-running{color:#2f9e44}.phase-draining,.phase-stopping,.phase-stopped{color:#e03131}\
+.warn{color:#b35c00;font-weight:600}#live.stale{color:#e03131;font-weight:600}";
+
+/// Re-renders the tables from /status.json every refresh; mirrors
+/// `route_row`, `upstream_row`, `bar`, `badge` and `counts`. Builds DOM nodes
+/// (textContent), never HTML strings, so names cannot inject markup.
+const STATUS_JS: &str = r##"(function () {
+  "use strict";
+  var REFRESH_MS = __REFRESH_MS__;
+  var prev = null;
+  var refreshes = 0;
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function td(cls, kids) {
+    var c = el("td", cls);
+    kids.forEach(function (k) { if (k) c.appendChild(typeof k === "string" ? document.createTextNode(k) : k); });
+    return c;
+  }
+  function bar(n, cap) {
+    var pct = cap === 0 ? (n === 0 ? 0 : 100) : Math.min(100, Math.floor(n * 100 / cap));
+    var b = el("div", pct === 100 ? "bar full" : pct >= 75 ? "bar high" : "bar");
+    var s = el("span");
+    s.style.width = pct + "%";
+    b.appendChild(s);
+    return b;
+  }
+  function badge(state) {
+    return state ? el("span", "badge b-" + state, state) : el("span", "muted", "none");
+  }
+  function counts(obj) {
+    return Object.keys(obj || {}).map(function (k) { return k + " " + obj[k]; }).join(" \u00b7 ");
+  }
+  function iso(unix) {
+    return new Date(Math.floor(unix) * 1000).toISOString().replace(/\.\d+Z$/, "Z");
+  }
+  function routeRow(r, rate) {
+    var tr = el("tr", "route");
+    tr.dataset.route = r.name;
+    tr.dataset.inFlight = r.in_flight;
+    tr.dataset.maxInFlight = r.max_in_flight;
+    tr.dataset.queueDepth = r.queue_depth;
+    tr.dataset.queueCapacity = r.queue_capacity;
+    var queue = [bar(r.queue_depth, r.queue_capacity), el("span", "num", r.queue_depth + " / " + r.queue_capacity), " ",
+                 el("small", null, r.discipline + " \u2264 " + r.max_wait)];
+    if (r.lifo_active) { queue.push(" "); queue.push(el("span", "badge b-open", "LIFO")); }
+    tr.appendChild(td("name", [r.name]));
+    tr.appendChild(td("upstream", [r.upstream]));
+    tr.appendChild(td("inflight", [bar(r.in_flight, r.max_in_flight), el("span", "num", r.in_flight + " / " + r.max_in_flight)]));
+    tr.appendChild(td("queue", queue));
+    tr.appendChild(td("peak", [String(r.queue_depth_peak)]));
+    tr.appendChild(td("rej", [el("span", "num", r.rejections_total), " ", el("small", null, counts(r.rejections))]));
+    tr.appendChild(td("rate", [rate === null ? "\u2013" : rate.toFixed(1)]));
+    tr.appendChild(td("breaker", [badge(r.breaker)]));
+    tr.appendChild(td("req", [counts(r.requests)]));
+    return tr;
+  }
+  function breakerText(b) {
+    var text = "opens after " + b.failure_threshold + " failures in a row";
+    var rate = b.failure_rate;
+    if (rate) {
+      text += " or " + (rate.threshold * 100).toFixed(0) + "% of " + rate.window +
+              " (at least " + rate.min_requests + " requests)";
+    }
+    return text + " \u00b7 recovery " + b.recovery_timeout + " \u00b7 " + b.half_open_calls + " half-open probes";
+  }
+  function upstreamRow(u) {
+    var tr = el("tr", "upstream");
+    tr.dataset.upstream = u.name;
+    tr.dataset.breaker = u.breaker || "none";
+    var b = u.breaker_settings;
+    var settings = b ? breakerText(b) : "\u2013";
+    tr.appendChild(td("name", [u.name]));
+    tr.appendChild(td("endpoints", [(u.endpoints || []).join(", ")]));
+    tr.appendChild(td("breaker", [badge(u.breaker)]));
+    tr.appendChild(td("settings", [settings]));
+    tr.appendChild(td("routes", [(u.routes || []).join(", ")]));
+    tr.appendChild(td("inflight", [String(u.in_flight)]));
+    return tr;
+  }
+  function replaceBody(id, rows) {
+    var old = document.querySelector("#" + id + " tbody");
+    var body = el("tbody");
+    rows.forEach(function (r) { body.appendChild(r); });
+    old.parentNode.replaceChild(body, old);
+  }
+  function render(d, now) {
+    var dt = prev ? (now - prev.at) / 1000 : 0;
+    replaceBody("routes", d.routes.map(function (r) {
+      var before = prev && prev.rej[r.name];
+      var rate = dt > 0 && before !== undefined ? Math.max(0, r.rejections_total - before) / dt : null;
+      return routeRow(r, rate);
+    }));
+    replaceBody("upstreams", d.upstreams.map(upstreamRow));
+    document.getElementById("version").textContent = d.version;
+    document.getElementById("generation").textContent = d.generation;
+    document.getElementById("loaded").textContent = iso(d.loaded_at_unix);
+    document.getElementById("source").textContent = d.source;
+    var phase = document.getElementById("phase");
+    phase.textContent = d.phase;
+    phase.className = "phase-" + d.phase;
+    document.getElementById("global").textContent = d.global_in_flight + " / " + d.global_limit;
+    var restart = document.getElementById("restart");
+    restart.hidden = d.restart_required.length === 0;
+    document.getElementById("restart-fields").textContent = d.restart_required.join(", ");
+    var rej = {};
+    d.routes.forEach(function (r) { rej[r.name] = r.rejections_total; });
+    prev = { at: now, rej: rej };
+  }
+  function setLive(text, stale) {
+    var live = document.getElementById("live");
+    live.textContent = text;
+    live.className = stale ? "stale" : "muted";
+  }
+  function tick() {
+    fetch("status.json", { cache: "no-store" })
+      .then(function (resp) {
+        if (!resp.ok) throw new Error("HTTP " + resp.status);
+        return resp.json();
+      })
+      .then(function (d) {
+        var now = Date.now();
+        render(d, now);
+        refreshes += 1;
+        document.body.dataset.refreshes = refreshes;
+        setLive("live \u00b7 updated " + iso(now / 1000) + " \u00b7 refreshes every " + REFRESH_MS / 1000 + " s", false);
+      })
+      .catch(function (e) {
+        setLive("stale: cannot reach status.json (" + e.message + "); retrying", true);
+      })
+      .then(function () { setTimeout(tick, REFRESH_MS); });
+  }
+  tick();
+})();"##;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -233,5 +640,14 @@ fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// Live pages must not be served from a cache.
+fn no_store(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
     r
 }
