@@ -29,11 +29,13 @@ pub enum Reason {
     NoRoute,
     BodyTooLarge,
     Draining,
+    /// The client stalled sending its request body for `response_body_idle`.
+    ClientTimeout,
 }
 
 impl Reason {
     /// Number of reasons (array sizes for per-reason handles).
-    pub(crate) const COUNT: usize = 11;
+    pub(crate) const COUNT: usize = 12;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,6 +50,7 @@ impl Reason {
             Reason::NoRoute => "no_route",
             Reason::BodyTooLarge => "body_too_large",
             Reason::Draining => "draining",
+            Reason::ClientTimeout => "client_timeout",
         }
     }
 
@@ -120,6 +123,7 @@ impl ProxyError {
                 14,
                 "proxy is shutting down",
             ),
+            Reason::ClientTimeout => (StatusCode::REQUEST_TIMEOUT, 4, "request body stalled"),
             // Never a local reply; kept total so the table has no holes.
             Reason::Upstream => (StatusCode::BAD_GATEWAY, 13, "upstream"),
         }
@@ -171,7 +175,7 @@ impl ProxyError {
             let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
             h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
-        if self.reason == Reason::Draining {
+        if matches!(self.reason, Reason::Draining | Reason::ClientTimeout) {
             h.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         resp

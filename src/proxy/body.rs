@@ -34,6 +34,8 @@ pub(crate) enum BodyError {
     TooLarge,
     /// No bytes for `response_body_idle`.
     IdleTimeout,
+    /// The request deadline passed.
+    RequestTimeout,
 }
 
 impl fmt::Display for BodyError {
@@ -41,6 +43,7 @@ impl fmt::Display for BodyError {
         match self {
             BodyError::TooLarge => f.write_str("request body exceeds max_request_body"),
             BodyError::IdleTimeout => f.write_str("body idle timeout"),
+            BodyError::RequestTimeout => f.write_str("request deadline passed"),
         }
     }
 }
@@ -221,6 +224,8 @@ pub(crate) enum BodyOutcome {
     Complete,
     Error,
     IdleTimeout,
+    /// The request deadline (`timeouts.request`) passed while the body streamed.
+    RequestTimeout,
     /// The client went away before the end.
     Dropped,
 }
@@ -240,6 +245,9 @@ struct UpstreamResponse {
     inner: Incoming,
     guard: Option<Box<dyn BodyGuard>>,
     timer: IdleTimer,
+    /// The whole exchange must end by the request deadline.
+    deadline: Instant,
+    deadline_sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl UpstreamResponse {
@@ -268,11 +276,18 @@ impl ProxyBody {
     }
 
     /// The upstream's body; `guard` is finished when it ends.
-    pub(crate) fn upstream(inner: Incoming, guard: Box<dyn BodyGuard>, idle: Duration) -> Self {
+    pub(crate) fn upstream(
+        inner: Incoming,
+        guard: Box<dyn BodyGuard>,
+        idle: Duration,
+        deadline: Instant,
+    ) -> Self {
         let mut resp = UpstreamResponse {
             inner,
             guard: Some(guard),
             timer: IdleTimer::new(idle),
+            deadline,
+            deadline_sleep: None,
         };
         if resp.inner.is_end_stream() {
             // An empty body (204, HEAD, ...) is never polled: release at once.
@@ -296,6 +311,10 @@ impl Body for ProxyBody {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             Kind::Upstream(u) => match Pin::new(&mut u.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(_))) if u.guard.is_some() && Instant::now() >= u.deadline => {
+                    u.finish(BodyOutcome::RequestTimeout);
+                    Poll::Ready(Some(Err(Box::new(BodyError::RequestTimeout))))
+                }
                 Poll::Ready(Some(Ok(frame))) => {
                     u.timer.progress();
                     if u.inner.is_end_stream() {
@@ -312,6 +331,17 @@ impl Body for ProxyBody {
                     Poll::Ready(None)
                 }
                 Poll::Pending => {
+                    if u.guard.is_none() {
+                        return Poll::Pending;
+                    }
+                    let deadline = u.deadline;
+                    let sleep = u
+                        .deadline_sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        u.finish(BodyOutcome::RequestTimeout);
+                        return Poll::Ready(Some(Err(Box::new(BodyError::RequestTimeout))));
+                    }
                     ready!(u.timer.poll_expired(cx));
                     u.finish(BodyOutcome::IdleTimeout);
                     Poll::Ready(Some(Err(Box::new(BodyError::IdleTimeout))))

@@ -149,11 +149,9 @@ async fn forward(
         return Err(ProxyError::new(Reason::BodyTooLarge));
     }
 
-    // Process-wide cap, then the route's cap and queue.
-    let global = snap
-        .global
-        .try_acquire()
-        .ok_or_else(|| shed(Reason::GlobalLimit))?;
+    // The route's cap and queue, then the process-wide cap. The global cap
+    // counts requests at upstreams only: an overloaded route's queue must not
+    // fill it and shed other routes (no cascade).
     let admitted = match state.admission.acquire(Some(deadline)).await {
         Ok(a) => a,
         Err(Rejected::QueueFull) => return Err(shed(Reason::QueueFull)),
@@ -162,6 +160,10 @@ async fn forward(
             return Err(shed(Reason::QueueTimeout));
         }
     };
+    let global = snap
+        .global
+        .try_acquire()
+        .ok_or_else(|| shed(Reason::GlobalLimit))?;
     let waited = admitted.waited.as_secs_f64();
     state.hist.queue_wait.observe(waited);
     state.hist.queue.observe(waited);
@@ -218,7 +220,12 @@ async fn forward(
         .await
         {
             Ok(b) => UpstreamBody::Replay(Some(b)),
-            Err(e) => return Err(e),
+            Err(e) => {
+                if e.reason == Reason::ClientTimeout {
+                    state.count_timeout(3);
+                }
+                return Err(e);
+            }
         }
     } else {
         UpstreamBody::Stream(RequestBody::new(
@@ -234,6 +241,8 @@ async fn forward(
     let upstream = &route.upstream;
     let mut attempt: u32 = 0;
     let mut rng = fastrand::Rng::new();
+    // The endpoint of the last failed attempt: a retry prefers another one.
+    let mut failed_endpoint: Option<String> = None;
     loop {
         attempt += 1;
         let now = Instant::now();
@@ -271,7 +280,10 @@ async fn forward(
             Some(pt) => (now + pt.0).min(deadline),
             None => deadline,
         };
-        let ep = upstream.pick();
+        let ep = upstream.pick_avoiding(failed_endpoint.as_deref());
+        if upstream.endpoint_count() > 1 {
+            failed_endpoint = Some(ep.label().to_string());
+        }
         let call = upstream.send(&ep, Request::from_parts(up_parts, this_body), path.clone());
         let result = tokio::time::timeout_at(
             attempt_deadline,
@@ -311,6 +323,7 @@ async fn forward(
                         global,
                         ep,
                         arrival,
+                        deadline,
                         cfg.timeouts.response_body_idle.0,
                         client_upgrade,
                         &shared.tunnels,
@@ -353,8 +366,10 @@ async fn forward(
                 return Err(ProxyError::new(Reason::BodyTooLarge))
             }
             Ok(Err(UpstreamError::ClientBody(msg))) => {
-                tracing::debug!(route = %state.name, error = %msg, "client request body failed");
-                return Err(ProxyError::new(Reason::UpstreamReset));
+                // The client stalled: its fault, not the upstream's.
+                tracing::debug!(route = %state.name, error = %msg, "client request body stalled");
+                state.count_timeout(3);
+                return Err(ProxyError::new(Reason::ClientTimeout));
             }
             Err(_elapsed) => {
                 upstream.count(&ep, OUTCOME_TIMEOUT);
@@ -399,6 +414,7 @@ async fn forward(
                 admitted.permit,
                 global,
                 arrival,
+                deadline,
                 cfg.timeouts.response_body_idle.0,
                 &shared.tunnels,
             );
@@ -411,6 +427,7 @@ async fn forward(
                 admitted.permit,
                 global,
                 arrival,
+                deadline,
                 cfg.timeouts.response_body_idle.0,
                 &shared.tunnels,
             );
@@ -432,12 +449,13 @@ fn finish_last(
     permit: Permit,
     global: GlobalPermit,
     arrival: Instant,
+    deadline: Instant,
     idle: Duration,
     tunnels: &Arc<Tracker>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (resp, ep) = last?;
     Ok(respond(
-        resp, state, permit, global, ep, arrival, idle, None, tunnels,
+        resp, state, permit, global, ep, arrival, deadline, idle, None, tunnels,
     ))
 }
 
@@ -455,6 +473,7 @@ fn respond(
     global: GlobalPermit,
     ep: EndpointLoad,
     arrival: Instant,
+    deadline: Instant,
     idle: Duration,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     tunnels: &Arc<Tracker>,
@@ -491,7 +510,10 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, ProxyBody::upstream(body, Box::new(guard), idle))
+    Response::from_parts(
+        parts,
+        ProxyBody::upstream(body, Box::new(guard), idle, deadline),
+    )
 }
 
 async fn tunnel(
@@ -520,8 +542,10 @@ impl BodyGuard for RequestGuard {
         self.state.hist.duration.observe(el);
         self.state.hist.total.observe(el);
         self.state.count_request(self.status, Reason::Upstream);
-        if outcome == BodyOutcome::IdleTimeout {
-            self.state.count_timeout(3);
+        match outcome {
+            BodyOutcome::IdleTimeout => self.state.count_timeout(3),
+            BodyOutcome::RequestTimeout => self.state.count_timeout(2),
+            _ => {}
         }
     }
 }
@@ -556,8 +580,9 @@ async fn read_body(body: RequestBody, deadline: Instant) -> Result<Bytes, ProxyE
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) => Err(match body::find_body_error(e.as_ref()) {
             Some(body::BodyError::TooLarge) => ProxyError::new(Reason::BodyTooLarge),
-            _ => ProxyError::new(Reason::UpstreamReset),
+            // Stalled, or its connection broke while sending: the client's side.
+            _ => ProxyError::new(Reason::ClientTimeout),
         }),
-        Err(_) => Err(ProxyError::new(Reason::UpstreamTimeout)),
+        Err(_) => Err(ProxyError::new(Reason::ClientTimeout)),
     }
 }

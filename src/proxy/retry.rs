@@ -40,8 +40,17 @@ pub(crate) struct BudgetConfig {
     pub min_per_second: u32,
 }
 
-/// Sliding-window (10 s, 10 one-second buckets) retry budget, Finagle/linkerd style:
-/// retries allowed in the window = min_per_second * window_secs + ratio * requests_in_window - retries_in_window.
+/// Retry budget: a ratio of recent traffic plus a per-second floor.
+///
+/// * Ratio part, sliding window (10 s, 10 one-second buckets), Finagle/linkerd
+///   style: `ratio * requests_in_window - ratio_retries_in_window`.
+/// * Floor: a token bucket refilled at `min_per_second` (burst of one second's
+///   worth), so a quiet route can still retry but never more than
+///   `min_per_second` per second from the floor. (A floor of
+///   `min_per_second * window` granted up front, as tower's `TpsBudget` does,
+///   lets a quiet route fire ten seconds' worth of retries in one burst.)
+///
+/// Over any span of T seconds, retries <= ratio * requests + min_per_second * (T + 1).
 ///
 /// Shared as `Arc` per route; lives in the registry so a reload keeps counts.
 #[derive(Debug)]
@@ -81,6 +90,9 @@ struct BudgetInner {
     config: BudgetConfig,
     origin: Instant,
     buckets: [BudgetBucket; BUDGET_BUCKETS],
+    /// Floor tokens available and when they were last refilled.
+    floor_tokens: f64,
+    floor_at: Instant,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -120,11 +132,14 @@ impl Backoff {
 impl RetryBudget {
     /// A budget with an empty window.
     pub(crate) fn new(config: BudgetConfig) -> Self {
+        let now = Instant::now();
         RetryBudget {
             inner: Mutex::new(BudgetInner {
                 config,
-                origin: Instant::now(),
+                origin: now,
                 buckets: [BudgetBucket::default(); BUDGET_BUCKETS],
+                floor_tokens: f64::from(config.min_per_second),
+                floor_at: now,
             }),
         }
     }
@@ -147,20 +162,26 @@ impl RetryBudget {
         let mut inner = self.inner.lock();
         let (deposits, withdrawals) = inner.totals(now);
         let config = inner.config;
-        // Negative or NaN ratios (validation should reject them) add nothing.
+        // Negative or NaN ratios (validation rejects them) add nothing.
         let ratio = if config.ratio > 0.0 {
             config.ratio
         } else {
             0.0
         };
-        let allowed = f64::from(config.min_per_second) * BUDGET_BUCKETS as f64
-            + ratio * deposits as f64
-            - withdrawals as f64;
-        if allowed + BUDGET_EPSILON < 1.0 {
-            return false;
+        if ratio * deposits as f64 - withdrawals as f64 + BUDGET_EPSILON >= 1.0 {
+            inner.bucket(now).withdrawals += 1;
+            return true;
         }
-        inner.bucket(now).withdrawals += 1;
-        true
+        // The floor: refill at min_per_second, at most one second's worth.
+        let rate = f64::from(config.min_per_second);
+        let elapsed = now.saturating_duration_since(inner.floor_at).as_secs_f64();
+        inner.floor_tokens = (inner.floor_tokens + elapsed * rate).min(rate);
+        inner.floor_at = now;
+        if inner.floor_tokens + BUDGET_EPSILON >= 1.0 {
+            inner.floor_tokens -= 1.0;
+            return true;
+        }
+        false
     }
 }
 
@@ -347,13 +368,22 @@ mod tests {
             ratio: 0.0,
             min_per_second: 2,
         });
-        for i in 0..20 {
-            assert!(budget.try_withdraw(), "retry {i}");
-        }
-        assert!(!budget.try_withdraw());
+        assert!(budget.try_withdraw());
+        assert!(budget.try_withdraw());
+        assert!(!budget.try_withdraw(), "one second's worth, not ten");
         assert!(
             !budget.try_withdraw(),
             "a refusal takes nothing, stays refused"
+        );
+        advance(Duration::from_millis(500)).await;
+        assert!(budget.try_withdraw(), "refilled at 2/s: one after 500ms");
+        assert!(!budget.try_withdraw());
+        advance(Duration::from_secs(10)).await;
+        assert!(budget.try_withdraw());
+        assert!(budget.try_withdraw());
+        assert!(
+            !budget.try_withdraw(),
+            "the floor never holds more than one second's worth"
         );
     }
 
@@ -387,34 +417,40 @@ mod tests {
         for _ in 0..4 {
             budget.deposit();
         }
-        for _ in 0..12 {
+        // 0.5 * 4 from the ratio, then 1 from the floor.
+        for _ in 0..3 {
             assert!(budget.try_withdraw());
         }
         assert!(!budget.try_withdraw());
         advance(Duration::from_millis(9_999)).await;
+        // The floor refilled (one token); the ratio part is still spent.
+        assert!(budget.try_withdraw());
         assert!(!budget.try_withdraw(), "still inside the window");
         advance(MS).await;
-        // Deposits and withdrawals from second 0 have expired.
-        for _ in 0..10 {
-            assert!(budget.try_withdraw());
+        for _ in 0..4 {
+            budget.deposit();
         }
+        // Second 0's deposits and ratio withdrawals expired: 0.5 * 4 again.
+        assert!(budget.try_withdraw());
+        assert!(budget.try_withdraw());
         assert!(!budget.try_withdraw());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn budget_window_expires_bucket_by_bucket() {
+    async fn budget_floor_bounds_retries_per_second() {
         let budget = RetryBudget::new(BudgetConfig {
             ratio: 0.0,
-            min_per_second: 1,
+            min_per_second: 5,
         });
-        // One retry per second for ten seconds exhausts the window.
-        for _ in 0..10 {
-            assert!(budget.try_withdraw());
-            advance(Duration::from_secs(1)).await;
+        // Asking constantly for 3 s yields at most 5 * (3 + 1).
+        let mut granted = 0;
+        for _ in 0..300 {
+            if budget.try_withdraw() {
+                granted += 1;
+            }
+            advance(Duration::from_millis(10)).await;
         }
-        // Second 0 has just expired: exactly one retry is back.
-        assert!(budget.try_withdraw());
-        assert!(!budget.try_withdraw());
+        assert!((15..=20).contains(&granted), "granted {granted}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,9 +1,11 @@
-//! One upstream: its pooled client (hyper-util, HTTP/1.1 or h2c), its
-//! endpoints with least-loaded power-of-two-choices selection, and its breaker.
+//! One upstream: its pooled client (hyper-util, HTTP/1.1 or h2c, or either
+//! over TLS), its endpoints with least-loaded power-of-two-choices selection,
+//! and its breaker.
 //! An `Upstream` outlives reloads that do not change its endpoints or protocol,
 //! so its pool and breaker state survive.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,10 +15,11 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::Histogram;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::Service;
@@ -25,6 +28,7 @@ use super::body::{find_body_error, BodyError, UpstreamBody};
 use super::breaker::{Breaker, BreakerConfig, BreakerState, FailureRate};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::metrics::{LazyCounters, Metrics};
+use crate::server::tls::TlsClient;
 
 tokio::task_local! {
     /// The route's `connect` stage histogram, set around an upstream call so the
@@ -81,21 +85,40 @@ pub(crate) enum UpstreamError {
     ClientBody(String),
 }
 
-/// TCP connector that times the connect for the route that triggered it.
+/// TCP connector, plus a TLS handshake when the upstream has `tls:`; times
+/// the connect (handshake included) for the route that triggered it. A
+/// handshake or verification failure is a connect error: nothing of the
+/// request was sent, so it is `upstream_connect` and a breaker failure.
 #[derive(Clone)]
 pub(crate) struct Connector {
     http: HttpConnector,
+    tls: Option<Arc<TlsClient>>,
+}
+
+/// A connection to an upstream endpoint, plain or TLS.
+pub(crate) enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 // === impl Upstream ===
 
 impl Upstream {
-    /// Builds the client and endpoints. No I/O happens here.
+    /// Builds the client and endpoints. The only I/O is reading TLS files.
     pub(crate) fn new(config: &UpstreamConfig, metrics: &Arc<Metrics>) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout.0));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
+        // The only I/O: reading the TLS files (validated already, a few KiB).
+        let tls = match &config.tls {
+            Some(_) => {
+                // Requests to a TLS upstream carry the `https` scheme.
+                http.enforce_http(false);
+                Some(Arc::new(TlsClient::new(config, metrics)?))
+            }
+            None => None,
+        };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -105,7 +128,7 @@ impl Upstream {
         if config.protocol == UpstreamProtocol::Http2 {
             builder.http2_only(true);
         }
-        let client = builder.build(Connector { http });
+        let client = builder.build(Connector { http, tls });
         let endpoints = config
             .endpoints
             .iter()
@@ -175,9 +198,22 @@ impl Upstream {
         }
     }
 
-    /// Least-loaded of two random endpoints (power of two choices).
-    pub(crate) fn pick(&self) -> EndpointLoad {
+    /// Number of endpoints.
+    pub(crate) fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Least-loaded of two random endpoints (power of two choices); a retry avoids the endpoint that just
+    /// failed when there is another one.
+    pub(crate) fn pick_avoiding(&self, avoid: Option<&str>) -> EndpointLoad {
         let n = self.endpoints.len();
+        if let (Some(bad), true) = (avoid, n == 2) {
+            // Two endpoints: the other one, deterministically.
+            if let Some(ep) = self.endpoints.iter().find(|e| e.label != bad) {
+                ep.in_flight.fetch_add(1, Ordering::Relaxed);
+                return EndpointLoad(ep.clone());
+            }
+        }
         let ep = if n <= 1 {
             &self.endpoints[0]
         } else {
@@ -187,10 +223,13 @@ impl Upstream {
                 b += 1;
             }
             let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
-            if eb.in_flight.load(Ordering::Relaxed) < ea.in_flight.load(Ordering::Relaxed) {
-                eb
+            let b_lighter =
+                eb.in_flight.load(Ordering::Relaxed) < ea.in_flight.load(Ordering::Relaxed);
+            let (first, second) = if b_lighter { (eb, ea) } else { (ea, eb) };
+            if avoid == Some(first.label.as_str()) {
+                second
             } else {
-                ea
+                first
             }
         };
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -205,7 +244,11 @@ impl Upstream {
         path: Option<PathAndQuery>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(if self.config.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        });
         parts.authority = Some(ep.0.authority.clone());
         parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         *req.uri_mut() =
@@ -220,7 +263,7 @@ impl Upstream {
                 if let Some(b) = find_body_error(&e) {
                     return Err(match b {
                         BodyError::TooLarge => UpstreamError::BodyTooLarge,
-                        BodyError::IdleTimeout => {
+                        BodyError::IdleTimeout | BodyError::RequestTimeout => {
                             UpstreamError::ClientBody("request body idle timeout".into())
                         }
                     });
@@ -292,7 +335,7 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 // === impl Connector ===
 
 impl Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamIo>;
     type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -301,13 +344,100 @@ impl Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        let host = uri.host().unwrap_or_default().to_string();
         let fut = self.http.call(uri);
         Box::pin(async move {
             let start = Instant::now();
-            let res = fut.await.map_err(Into::into);
+            let res = async {
+                let tcp = fut.await?.into_inner();
+                let io = match tls {
+                    None => UpstreamIo::Plain(tcp),
+                    Some(tls) => UpstreamIo::Tls(Box::new(tls.connect(&host, tcp).await?)),
+                };
+                Ok::<_, Self::Error>(TokioIo::new(io))
+            }
+            .await;
             // Outside a request's scope (a background connect) there is no route to charge.
             let _ = CONNECT_STAGE.try_with(|h| h.observe(start.elapsed().as_secs_f64()));
             res
         })
+    }
+}
+
+// === impl UpstreamIo ===
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamIo::Plain(tcp) => tcp.connected(),
+            UpstreamIo::Tls(tls) => {
+                let (tcp, conn) = tls.get_ref();
+                let c = tcp.connected();
+                if conn.alpn_protocol() == Some(b"h2") {
+                    c.negotiated_h2()
+                } else {
+                    c
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
