@@ -153,10 +153,15 @@ fn with_runtime<F>(threads: Option<usize>, fut: F) -> ExitCode
 where
     F: std::future::Future<Output = Result<(), String>>,
 {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
+    // One worker: the current-thread scheduler does the same work without
+    // cross-thread wake-ups and work-stealing bookkeeping (the sidecar case).
+    let mut b = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all();
-    if let Some(n) = threads {
-        b.worker_threads(n.max(1));
+    if let Some(n) = threads.filter(|n| *n > 1) {
+        b.worker_threads(n);
     }
     let rt = match b.build() {
         Ok(rt) => rt,

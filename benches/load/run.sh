@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Spillway load benchmarks. usage: benches/load/run.sh [core|overload|all]
+# Installs what it needs by package name, builds Spillway in release mode and
+# runs harness.py (python3, standard library only). See benches/load/README.md.
+set -euo pipefail
+
+SCENARIO="${1:-all}"
+case "$SCENARIO" in core|overload|all) ;; *) echo "usage: $0 [core|overload|all]" >&2; exit 2 ;; esac
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# --- tools, by package name -------------------------------------------------
+missing=()
+for tool in wrk nginx haproxy taskset python3; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  pkgs=()
+  for tool in "${missing[@]}"; do
+    case "$tool" in
+      taskset) pkgs+=(util-linux) ;;
+      python3) pkgs+=(python3) ;;
+      *) pkgs+=("$tool") ;;
+    esac
+  done
+  echo "installing: ${pkgs[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >&2
+  # the Debian packages start system services where systemd runs; we use our own instances
+  for svc in nginx haproxy; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      $SUDO systemctl stop "$svc" || true
+    fi
+  done
+fi
+if ! command -v oha >/dev/null 2>&1; then
+  echo "installing oha (cargo install oha --locked; compiles for several minutes)" >&2
+  cargo install oha --locked ${OHA_JOBS:+-j "$OHA_JOBS"} >&2
+fi
+
+# --- Spillway ---------------------------------------------------------------
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  (cd "$ROOT" && cargo build --release --locked >&2)
+fi
+export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/release/spillway}"
+
+exec python3 "$HERE/harness.py" "$SCENARIO"
