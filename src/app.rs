@@ -1,15 +1,19 @@
-//! Wiring: registry, listeners, admin, drain supervisor.
+//! Wiring: registry, listeners, admin, drain supervisor, hot reload.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, ConfigError};
+use crate::config::watch::FileWatch;
+use crate::config::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
 use crate::proxy::Shared;
 use crate::registry::Registry;
@@ -236,22 +240,53 @@ impl RunningProxy {
 
 impl Core {
     fn reload(&self, config: Config) -> Result<u64, ReloadError> {
-        let _serial = self.reload_lock.lock();
+        let serial = self.reload_lock.lock();
+        self.apply(&serial, config)
+    }
+
+    /// Reads, validates and applies the file, all under the reload lock so a
+    /// slower read can never overwrite a newer one. Blocking: call it on the
+    /// blocking pool. `Ok(None)`: a file event whose content is already in
+    /// effect (and the last reload succeeded), so nothing was done or counted.
+    fn reload_file(&self, path: &Path, trigger: Trigger) -> Result<Option<u64>, ReloadError> {
+        let serial = self.reload_lock.lock();
+        // E.g. SIGHUP applied this content before the watcher's debounce ended.
+        // Hashing first skips the parse; a change after this read is just
+        // applied by the load below.
+        if trigger == Trigger::FileChange
+            && self.shared.metrics.config_last_reload_success.get() == 1
+            && std::fs::read(path).is_ok_and(|bytes| {
+                crate::config::content_hash(&bytes)
+                    == self.shared.snapshot.load().config.source.hash
+            })
+        {
+            return Ok(None);
+        }
+        let loaded = crate::config::load_file(path)?;
+        for w in &loaded.warnings {
+            tracing::warn!(%w, "config warning");
+        }
+        self.apply(&serial, loaded.config).map(Some)
+    }
+
+    /// Builds the new generation (state reused by name) and publishes it.
+    /// Listener, admin and runtime settings only take effect at start: the
+    /// ones in effect are kept (so /config shows what runs) and the fields
+    /// that differ are listed in `restart_required`.
+    fn apply(&self, _serial: &MutexGuard<'_, ()>, mut config: Config) -> Result<u64, ReloadError> {
         let metrics = &self.shared.metrics;
         let old = self.shared.snapshot.load_full();
         let gen = self.generation.load(Ordering::Acquire) + 1;
-        let mut restart = Vec::new();
-        if old.config.listeners != config.listeners {
-            restart.push("listeners".to_string());
-        }
-        if old.config.admin != config.admin {
-            restart.push("admin".to_string());
-        }
-        if old.config.runtime != config.runtime {
-            restart.push("runtime".to_string());
-        }
+        let restart = restart_required(&old.config, &config);
+        config.listeners.clone_from(&old.config.listeners);
+        config.admin.clone_from(&old.config.admin);
+        config.runtime.clone_from(&old.config.runtime);
         match self.registry.build(Arc::new(config), gen, Some(&old)) {
             Ok((snap, diff)) => {
+                let (file, hash) = (
+                    snap.config.source.file.clone(),
+                    snap.config.source.hash.clone(),
+                );
                 self.shared.snapshot.store(Arc::new(snap));
                 self.generation.store(gen, Ordering::Release);
                 metrics.config_generation.set(gen as i64);
@@ -260,7 +295,18 @@ impl Core {
                     .with_label_values(&["success"])
                     .inc();
                 metrics.config_last_reload_success.set(1);
-                tracing::info!(generation = gen, added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed, "config reloaded");
+                tracing::info!(
+                    generation = gen,
+                    %file,
+                    %hash,
+                    added = ?diff.added,
+                    removed = ?diff.removed,
+                    changed = ?diff.changed,
+                    upstreams_added = ?diff.upstreams_added,
+                    upstreams_removed = ?diff.upstreams_removed,
+                    upstreams_rebuilt = ?diff.upstreams_rebuilt,
+                    "config reloaded"
+                );
                 if !restart.is_empty() {
                     tracing::warn!(fields = ?restart, "these changes need a restart and were not applied");
                 }
@@ -280,6 +326,132 @@ impl Core {
     }
 }
 
+/// Fields of `new` that differ from what runs and only apply at start, as
+/// field paths (`listeners[0].bind`, `admin.bind`, `runtime.worker_threads`).
+fn restart_required(running: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let (a, b) = (running.to_json(), new.to_json());
+    if running.listeners.len() != new.listeners.len() {
+        out.push("listeners".to_string());
+    } else {
+        for (i, (x, y)) in running.listeners.iter().zip(&new.listeners).enumerate() {
+            if x != y {
+                fields_differing(
+                    &format!("listeners[{i}]"),
+                    &a["listeners"][i],
+                    &b["listeners"][i],
+                    &mut out,
+                );
+            }
+        }
+    }
+    if running.admin != new.admin {
+        fields_differing("admin", &a["admin"], &b["admin"], &mut out);
+    }
+    if running.runtime != new.runtime {
+        fields_differing("runtime", &a["runtime"], &b["runtime"], &mut out);
+    }
+    out
+}
+
+/// Pushes `prefix.key` for each top-level key whose JSON differs; `prefix`
+/// alone if none does (a redacted field, such as a TLS key path, changed).
+fn fields_differing(
+    prefix: &str,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    let before = out.len();
+    if let (Some(x), Some(y)) = (a.as_object(), b.as_object()) {
+        let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            if x.get(k) != y.get(k) {
+                out.push(format!("{prefix}.{k}"));
+            }
+        }
+    }
+    if out.len() == before {
+        out.push(prefix.to_string());
+    }
+}
+
+// === hot reload ===
+
+/// File events are collected this long before the file is read: editors and
+/// kubelet touch several directory entries per save.
+const CONFIG_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// SIGHUP or an explicit call: always reloads and counts the result.
+    Forced,
+    /// The watched file changed: content already in effect is ignored.
+    FileChange,
+}
+
+/// Watches a proxy's config file and applies every change; see
+/// [`RunningProxy::watch_config`]. Dropping it stops watching.
+pub struct ConfigWatch {
+    task: Option<JoinHandle<()>>,
+}
+
+impl ConfigWatch {
+    /// Stops watching and waits until the watcher has let go of the proxy.
+    pub async fn stop(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            if let Err(e) = task.await {
+                if !e.is_cancelled() {
+                    tracing::error!(error = %e, "config watch task failed");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ConfigWatch {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl RunningProxy {
+    /// Watches `path` and reloads it whenever its content changes: what `run`
+    /// does besides SIGHUP. The file's directory is watched, so a Kubernetes
+    /// ConfigMap's `..data` symlink swap, an editor's rename-over, delete and
+    /// re-create, and in-place writes are all seen; events are debounced for
+    /// 200 ms and ignored when the content is what already runs. A change
+    /// made since the running config was loaded is applied at once. Without
+    /// inotify the file is polled every second.
+    pub fn watch_config(self: &Arc<Self>, path: PathBuf) -> ConfigWatch {
+        let running = self.core.shared.snapshot.load().config.source.hash.clone();
+        let mut files = FileWatch::spawn_with_baseline(
+            vec![path.clone()],
+            CONFIG_DEBOUNCE,
+            vec![Some(running)],
+        );
+        let proxy = self.clone();
+        let span = tracing::info_span!("config_watch", file = %path.display());
+        let task = tokio::spawn(
+            async move {
+                while files.changed().await.is_some() {
+                    tracing::info!("config file changed: reloading");
+                    reload(&proxy, &path, Trigger::FileChange).await;
+                }
+                tracing::warn!("config file watch stopped; SIGHUP still reloads");
+            }
+            .instrument(span),
+        );
+        ConfigWatch { task: Some(task) }
+    }
+}
+
 /// Runs a started proxy as the `run` command does: SIGTERM/SIGINT drain it,
 /// SIGHUP and changes to the config file reload it. Returns when it stopped.
 pub async fn serve_signals_and_reloads(
@@ -291,6 +463,7 @@ pub async fn serve_signals_and_reloads(
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signal handler: {e}"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("signal handler: {e}"))?;
     let proxy = Arc::new(proxy);
+    let watch = proxy.watch_config(path.clone());
     loop {
         tokio::select! {
             _ = term.recv() => {}
@@ -301,6 +474,8 @@ pub async fn serve_signals_and_reloads(
                 continue;
             }
         }
+        // No reloads while draining: the config that drains is the one in effect.
+        watch.stop().await;
         proxy.drain();
         let p = proxy.clone();
         // Wait for the drain to finish, or for a second signal.
@@ -322,23 +497,43 @@ pub async fn serve_signals_and_reloads(
     Ok(())
 }
 
-/// Reads, parses and validates the file off the async workers, then applies it.
+/// Reloads the file now, as SIGHUP does: reads, parses and validates it on
+/// the blocking pool, then applies it. Always counted, even when nothing
+/// changed. Invalid: the running config stays, every issue is logged with
+/// its file:line:column and field path. Returns whether it was applied.
 pub async fn reload_file(proxy: &RunningProxy, path: &std::path::Path) -> bool {
-    let p = path.to_path_buf();
-    let loaded = tokio::task::spawn_blocking(move || crate::config::load_file(&p)).await;
-    match loaded {
-        Ok(Ok(l)) => {
-            for w in &l.warnings {
-                tracing::warn!(%w, "config warning");
-            }
-            proxy.reload(l.config).is_ok()
+    reload(proxy, path, Trigger::Forced).await
+}
+
+/// The one reload path (SIGHUP, file watch, [`reload_file`]). The async
+/// worker only waits: file I/O, parsing, validation and the build of the new
+/// generation all run on the blocking pool.
+async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
+    let core = proxy.core.clone();
+    let file = path.to_path_buf();
+    let done = tokio::task::spawn_blocking(move || core.reload_file(&file, trigger)).await;
+    match done {
+        Ok(Ok(Some(_))) => true,
+        Ok(Ok(None)) => {
+            tracing::debug!("config content unchanged; nothing to reload");
+            true
         }
-        Ok(Err(e)) => {
+        Ok(Err(ReloadError::Invalid(e))) => {
             proxy.reload_failed(&e);
             false
         }
+        // Counted and logged by `Core::apply`.
+        Ok(Err(ReloadError::Build(_))) => false,
         Err(e) => {
-            tracing::error!(error = %e, "reload task failed");
+            proxy.reload_failed(&ConfigError {
+                issues: vec![ConfigIssue {
+                    file: path.display().to_string(),
+                    line: None,
+                    column: None,
+                    path: String::new(),
+                    message: format!("reload task failed: {e}"),
+                }],
+            });
             false
         }
     }

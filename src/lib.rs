@@ -16,7 +16,8 @@ mod server;
 mod shutdown;
 
 pub use app::{
-    reload_file, serve_signals_and_reloads, start, ReloadError, RunningProxy, StartError,
+    reload_file, serve_signals_and_reloads, start, ConfigWatch, ReloadError, RunningProxy,
+    StartError,
 };
 
 /// Internals exposed for the criterion benches only; not a stable API.

@@ -5,12 +5,19 @@
 //! and breaker unless its endpoints, protocol or TLS changed. A reload builds a
 //! new [`Snapshot`] from the new config, reusing entries by name, and the caller
 //! publishes it atomically.
+//!
+//! A removed route is dropped from the registry's view at once but lives on in
+//! every request that still holds the snapshot it started with (queued
+//! requests) or its `Arc<RouteState>` (the response body guard), so those
+//! finish normally. When the last of them ends, the state is dropped and its
+//! metric series are removed, so renaming routes does not leak series.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::IntCounter;
 
 use crate::config::{Config, QueueDiscipline, RouteConfig};
@@ -36,7 +43,17 @@ pub(crate) struct RouteState {
     pub retries: LazyCounters<8>,
     pub budget_exhausted: IntCounter,
     pub metrics: Arc<Metrics>,
+    /// Who else uses this route name's metric series (see [`SeriesOwners`]).
+    owners: Arc<SeriesOwners>,
 }
+
+/// Live [`RouteState`]s per route name. Two can exist at once: a reload that
+/// re-adds a name whose old state is being dropped on another thread builds
+/// a new one. Both share the name's metric series, which are removed only
+/// when the last one goes; the lock orders that removal before a new state
+/// resolves its handles, so no new handle is left detached from the registry.
+#[derive(Default)]
+struct SeriesOwners(Mutex<HashMap<String, usize>>);
 
 /// Timeout stages, in `RouteState::timeouts` order.
 pub(crate) const TIMEOUT_STAGES: [&str; 4] = ["queue", "per_try", "request", "body"];
@@ -67,6 +84,7 @@ pub(crate) struct Registry {
     metrics: Arc<Metrics>,
     global: Arc<GlobalLimit>,
     inner: Mutex<Inner>,
+    series: Arc<SeriesOwners>,
 }
 
 #[derive(Default)]
@@ -78,9 +96,15 @@ struct Inner {
 /// What a reload changed, for the one-line log.
 #[derive(Debug, Default)]
 pub(crate) struct Diff {
+    /// Routes added, removed (they drain) and changed in any field.
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<String>,
+    pub upstreams_added: Vec<String>,
+    pub upstreams_removed: Vec<String>,
+    /// Upstreams rebuilt because their endpoints, protocol, TLS, connect
+    /// timeout, pool or breaker presence changed: new pool, breaker closed.
+    pub upstreams_rebuilt: Vec<String>,
 }
 
 // === impl Registry ===
@@ -91,6 +115,7 @@ impl Registry {
             metrics,
             global: GlobalLimit::new(max_in_flight),
             inner: Mutex::new(Inner::default()),
+            series: Arc::new(SeriesOwners::default()),
         }
     }
 
@@ -108,18 +133,18 @@ impl Registry {
         self.global.set_max(config.limits.max_in_flight);
 
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        let mut rebuilt = Vec::new();
         for uc in &config.upstreams {
-            let reuse = inner
-                .upstreams
-                .get(&uc.name)
-                .and_then(Weak::upgrade)
-                .filter(|u| u.compatible(uc));
-            let up = match reuse {
-                Some(u) => {
+            let existing = inner.upstreams.get(&uc.name).and_then(Weak::upgrade);
+            let up = match existing {
+                Some(u) if u.compatible(uc) => {
                     u.update(uc);
                     u
                 }
-                None => {
+                old => {
+                    if old.is_some() {
+                        rebuilt.push(uc.name.clone());
+                    }
                     let u = Arc::new(Upstream::new(uc, &self.metrics)?);
                     inner.upstreams.insert(uc.name.clone(), Arc::downgrade(&u));
                     u
@@ -142,7 +167,13 @@ impl Registry {
                     s
                 }
                 None => {
-                    let s = Arc::new(RouteState::new(&rc.name, limits, budget, &self.metrics));
+                    let s = Arc::new(RouteState::new(
+                        &rc.name,
+                        limits,
+                        budget,
+                        &self.metrics,
+                        &self.series,
+                    ));
                     inner.routes.insert(rc.name.clone(), Arc::downgrade(&s));
                     s
                 }
@@ -171,7 +202,8 @@ impl Registry {
         }
         drop(inner);
 
-        let diff = diff(previous, &routes);
+        let mut diff = diff(previous, &routes, &upstreams);
+        diff.upstreams_rebuilt = rebuilt;
         let snapshot = Snapshot {
             router: Router::new(&config.routes),
             config,
@@ -185,9 +217,19 @@ impl Registry {
     }
 }
 
-fn diff(previous: Option<&Snapshot>, routes: &[Route]) -> Diff {
+fn diff(previous: Option<&Snapshot>, routes: &[Route], upstreams: &[Arc<Upstream>]) -> Diff {
     let mut d = Diff::default();
     let Some(prev) = previous else { return d };
+    for u in upstreams {
+        if !prev.upstreams.iter().any(|p| p.name == u.name) {
+            d.upstreams_added.push(u.name.clone());
+        }
+    }
+    for p in &prev.upstreams {
+        if !upstreams.iter().any(|u| u.name == p.name) {
+            d.upstreams_removed.push(p.name.clone());
+        }
+    }
     for r in routes {
         match prev.routes.iter().find(|p| p.config.name == r.config.name) {
             None => d.added.push(r.config.name.clone()),
@@ -231,8 +273,14 @@ impl RouteState {
         limits: AdmissionLimits,
         budget: BudgetConfig,
         metrics: &Arc<Metrics>,
+        owners: &Arc<SeriesOwners>,
     ) -> Self {
-        RouteState {
+        // Registered, and handles resolved, under the owners lock: a dying
+        // state of the same name removes its series either before this (and
+        // these handles are fresh) or not at all (we are counted).
+        let mut live = owners.0.lock();
+        *live.entry(name.to_string()).or_insert(0) += 1;
+        let state = RouteState {
             name: name.to_string(),
             admission: Admission::new(limits),
             budget: RetryBudget::new(budget),
@@ -245,7 +293,10 @@ impl RouteState {
                 .retry_budget_exhausted_total
                 .with_label_values(&[name]),
             metrics: metrics.clone(),
-        }
+            owners: owners.clone(),
+        };
+        drop(live);
+        state
     }
 
     /// Counts one answered request.
@@ -294,7 +345,8 @@ impl RouteState {
     }
 
     /// Publishes the admission gauges (called when /metrics is scraped, so the
-    /// data path never touches them).
+    /// data path never touches them). The caller holds a snapshot containing
+    /// this route, so it is alive and its series are not being removed.
     pub(crate) fn publish_gauges(&self) {
         let s = self.admission.stats();
         let m = &self.metrics;
@@ -312,5 +364,169 @@ impl RouteState {
         m.queue_capacity
             .with_label_values(&l)
             .set(s.max_depth as i64);
+    }
+}
+
+/// The last state of a route name is gone (the route was removed or renamed
+/// and every request that used it has finished): remove the name's series
+/// so they do not linger in /metrics.
+impl Drop for RouteState {
+    fn drop(&mut self) {
+        let mut live = self.owners.0.lock();
+        let Some(n) = live.get_mut(&self.name) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        live.remove(&self.name);
+        let m = &self.metrics;
+        let route = self.name.as_str();
+        remove_route_series(&m.requests_total, route);
+        remove_route_series(&m.rejections_total, route);
+        remove_route_series(&m.timeouts_total, route);
+        remove_route_series(&m.retries_total, route);
+        remove_route_series(&m.retry_budget_exhausted_total, route);
+        remove_route_series(&m.request_duration, route);
+        remove_route_series(&m.stage_duration, route);
+        remove_route_series(&m.queue_wait, route);
+        remove_route_series(&m.in_flight, route);
+        remove_route_series(&m.concurrency_limit, route);
+        remove_route_series(&m.queue_depth, route);
+        remove_route_series(&m.queue_depth_peak, route);
+        remove_route_series(&m.queue_capacity, route);
+        drop(live);
+        tracing::debug!(route, "route drained; its state and metric series are gone");
+    }
+}
+
+/// Removes every series of `vec` whose `route` label is `route`. Lazily
+/// resolved counters created only some of them, so the vec itself says which
+/// exist; a series that vanished meanwhile is not an error worth reporting.
+fn remove_route_series<T: MetricVecBuilder>(vec: &MetricVec<T>, route: &str) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("route") == Some(&route) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(upstream_ep: &str, routes: &[&str]) -> Arc<Config> {
+        let mut yaml = format!(
+            "version: 1\nlisteners:\n  - name: inbound\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\nupstreams:\n  app:\n    endpoints: [\"{upstream_ep}\"]\nroutes:\n"
+        );
+        for (i, r) in routes.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - name: {r}\n    match:\n      path_prefix: /{i}\n    upstream: app\n"
+            ));
+        }
+        let loaded = crate::config::load_str(&yaml, "t.yaml").expect("valid test config");
+        Arc::new(loaded.config)
+    }
+
+    fn series(m: &Metrics, route: &str) -> usize {
+        let needle = format!("route=\"{route}\"");
+        m.render().lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    fn route<'a>(snap: &'a Snapshot, name: &str) -> &'a Route {
+        snap.routes
+            .iter()
+            .find(|r| r.config.name == name)
+            .expect("route in snapshot")
+    }
+
+    #[test]
+    fn state_is_reused_by_name_and_upstreams_by_compatibility() {
+        let m = Arc::new(Metrics::new());
+        let reg = Registry::new(m.clone(), 100);
+        let (s1, _) = reg
+            .build(config("127.0.0.1:1", &["a", "b"]), 1, None)
+            .unwrap();
+        let (s2, d2) = reg
+            .build(config("127.0.0.1:1", &["b", "c"]), 2, Some(&s1))
+            .unwrap();
+        assert!(Arc::ptr_eq(&route(&s1, "b").state, &route(&s2, "b").state));
+        assert!(Arc::ptr_eq(&s1.upstreams[0], &s2.upstreams[0]));
+        assert_eq!(d2.added, ["c"]);
+        assert_eq!(d2.removed, ["a"]);
+        assert!(d2.upstreams_rebuilt.is_empty());
+        let (s3, d3) = reg
+            .build(config("127.0.0.1:2", &["b", "c"]), 3, Some(&s2))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&s2.upstreams[0], &s3.upstreams[0]));
+        assert_eq!(d3.upstreams_rebuilt, ["app"]);
+        assert!(Arc::ptr_eq(&route(&s2, "c").state, &route(&s3, "c").state));
+    }
+
+    #[test]
+    fn removed_route_keeps_series_until_it_drains() {
+        let m = Arc::new(Metrics::new());
+        let reg = Registry::new(m.clone(), 100);
+        let (s1, _) = reg
+            .build(config("127.0.0.1:1", &["a", "b"]), 1, None)
+            .unwrap();
+        for r in &s1.routes {
+            r.state.count_request(200, Reason::Upstream);
+            r.state.count_rejection(Reason::QueueFull);
+            r.state.count_timeout(1);
+            r.state.count_retry("503");
+            r.state.hist.duration.observe(0.01);
+            r.state.publish_gauges();
+        }
+        assert!(series(&m, "b") > 0);
+        // An in-flight request on `b` holds its state.
+        let in_flight = route(&s1, "b").state.clone();
+        let (s2, _) = reg
+            .build(config("127.0.0.1:1", &["a"]), 2, Some(&s1))
+            .unwrap();
+        drop(s1);
+        assert!(
+            series(&m, "b") > 0,
+            "series gone while a request still runs"
+        );
+        drop(in_flight);
+        assert_eq!(series(&m, "b"), 0, "{}", m.render());
+        assert!(series(&m, "a") > 0, "the kept route lost its series");
+        drop(s2);
+    }
+
+    #[test]
+    fn readded_name_keeps_its_series_when_the_old_state_dies_late() {
+        let m = Arc::new(Metrics::new());
+        let owners = Arc::new(SeriesOwners::default());
+        let limits = admission_limits(&config("127.0.0.1:1", &["r"]).routes[0]);
+        let budget = BudgetConfig {
+            ratio: 0.2,
+            min_per_second: 10,
+        };
+        let old = RouteState::new("r", limits, budget, &m, &owners);
+        old.count_request(200, Reason::Upstream);
+        let new = RouteState::new("r", limits, budget, &m, &owners);
+        drop(old);
+        new.count_request(200, Reason::Upstream);
+        new.budget_exhausted.inc();
+        let text = m.render();
+        assert!(
+            text.contains(
+                "spillway_requests_total{reason=\"upstream\",route=\"r\",status_class=\"2xx\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("spillway_retry_budget_exhausted_total{route=\"r\"} 1"));
+        drop(new);
+        assert_eq!(series(&m, "r"), 0);
     }
 }

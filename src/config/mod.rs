@@ -8,6 +8,7 @@ mod locate;
 pub(crate) mod schema;
 pub mod units;
 mod validate;
+pub(crate) mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -71,6 +72,14 @@ pub struct ListenerTls {
     #[serde(serialize_with = "redact")]
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// A client that has not completed its handshake by then is dropped.
+    pub handshake_timeout: Dur,
+    /// Handshakes in progress at once; accept pauses above it.
+    pub max_handshakes: usize,
+    /// Header carrying the verified client certificate identity upstream;
+    /// always stripped from incoming requests when set.
+    #[serde(serialize_with = "ser_opt_header")]
+    pub forward_client_identity_header: Option<HeaderName>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
