@@ -29,13 +29,28 @@ fn table(n: usize) -> Router {
 
 fn routing(c: &mut Criterion) {
     let router = table(50);
-    let first = Request::get("/svc0/items?q=1").header("host", "a").body(()).unwrap();
-    let last = Request::get("/re49/12345").header("host", "a").body(()).unwrap();
-    let miss = Request::get("/nothing/here").header("host", "a").body(()).unwrap();
+    let first = Request::get("/svc0/items?q=1")
+        .header("host", "a")
+        .body(())
+        .unwrap();
+    let last = Request::get("/re49/12345")
+        .header("host", "a")
+        .body(())
+        .unwrap();
+    let miss = Request::get("/nothing/here")
+        .header("host", "a")
+        .body(())
+        .unwrap();
     let mut g = c.benchmark_group("route_match_50");
-    g.bench_function("first", |b| b.iter(|| black_box(router.route(black_box(&first)))));
-    g.bench_function("last_regex", |b| b.iter(|| black_box(router.route(black_box(&last)))));
-    g.bench_function("no_match", |b| b.iter(|| black_box(router.route(black_box(&miss)))));
+    g.bench_function("first", |b| {
+        b.iter(|| black_box(router.route(black_box(&first))))
+    });
+    g.bench_function("last_regex", |b| {
+        b.iter(|| black_box(router.route(black_box(&last))))
+    });
+    g.bench_function("no_match", |b| {
+        b.iter(|| black_box(router.route(black_box(&miss))))
+    });
     g.finish();
 }
 

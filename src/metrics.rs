@@ -38,6 +38,8 @@ pub(crate) struct Metrics {
     pub config_generation: IntGauge,
     pub config_last_reload_success: IntGauge,
     pub global_in_flight: IntGauge,
+    pub tls_reloads_total: IntCounterVec,
+    pub tls_cert_expiry: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -108,6 +110,8 @@ impl Metrics {
             config_generation: g("spillway_config_generation", "Generation of the config in effect (1 at start)."),
             config_last_reload_success: g("spillway_config_last_reload_success", "1 if the last reload succeeded, else 0."),
             global_in_flight: g("spillway_global_in_flight", "Requests holding a process-wide permit (limits.max_in_flight)."),
+            tls_reloads_total: counter(&r, "spillway_tls_reloads_total", "Certificate rotations (listener and upstream TLS files) by result; a failure leaves the previous certificate in use.", &["result"]),
+            tls_cert_expiry: gauge(&r, "spillway_tls_cert_expiry_timestamp_seconds", "Unix time at which the certificate a listener serves expires.", &["listener"]),
             registry: r,
         }
     }

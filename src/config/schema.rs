@@ -51,6 +51,9 @@ pub(crate) struct RawListenerTls {
     pub cert: String,
     pub key: String,
     pub client_ca: Option<String>,
+    pub handshake_timeout: Option<Dur>,
+    pub max_handshakes: Option<u64>,
+    pub forward_client_identity_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -1204,7 +1204,12 @@ fn scalar_at(text: &str, line: u64, column: u64) -> String {
     };
     let rest: String = l.chars().skip(column.saturating_sub(1) as usize).collect();
     let end = rest.find([',', '}', ']', '#']).unwrap_or(rest.len());
-    rest[..end].trim().trim_matches(['"', '\'']).chars().take(60).collect()
+    rest[..end]
+        .trim()
+        .trim_matches(['"', '\''])
+        .chars()
+        .take(60)
+        .collect()
 }
 
 /// What a Rust scalar type means to someone writing YAML.

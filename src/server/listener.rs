@@ -3,33 +3,69 @@
 //! request header timeout (hyper closes a connection whose request head does
 //! not arrive in time), keep-alive idle timeout, header size limit (431), and
 //! graceful close on drain (`Connection: close` / GOAWAY).
+//!
+//! With `tls:` (see `tls.rs`) each accepted stream is handshaken first:
+//! bounded by `handshake_timeout`, with at most `max_handshakes` in progress
+//! (accept pauses above it, like `max_connections`, so a flood of half-open
+//! TLS connections costs bounded memory and CPU); ALPN picks HTTP/2 or
+//! HTTP/1.1; the verified client identity may be added as a header, and any
+//! incoming header of that name is always removed first. The listener's
+//! certificate rotation task is owned here and stops with the accept loop.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use prometheus::IntGauge;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
+use super::tls::{Alpn, TlsListener};
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::{self, ConnInfo, Shared};
 use crate::shutdown::{Phase, Tracker};
 
 /// Runs one listener until the drain reaches `Stopping`.
-pub(crate) async fn serve(
+///
+/// The TLS files are loaded before this returns, synchronously at the call
+/// site in `start`: a proxy that has started serves the certificate that was
+/// there when it started, and the rotation watch compares against exactly it.
+pub(crate) fn serve(
     listener: TcpListener,
     cfg: ListenerConfig,
     shared: Arc<Shared>,
     conns: Arc<Tracker>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let tls = cfg.tls.as_ref().map(|t| {
+        Arc::new(TlsListener::new(
+            &cfg.name,
+            t,
+            cfg.protocol,
+            &shared.metrics,
+        ))
+    });
+    accept_loop(listener, cfg, shared, conns, tls)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    cfg: ListenerConfig,
+    shared: Arc<Shared>,
+    conns: Arc<Tracker>,
+    tls: Option<Arc<TlsListener>>,
 ) {
-    let builder = Arc::new(builder(&cfg));
+    let builders = Arc::new(Builders::new(&cfg));
     let gauge = shared
         .metrics
         .connections
@@ -38,6 +74,16 @@ pub(crate) async fn serve(
     let stopping = shared.shutdown.clone();
     let stop = stopping.reached(Phase::Stopping);
     tokio::pin!(stop);
+    let strip = identity_headers(&shared);
+    let handshakes = tls
+        .as_ref()
+        .map(|t| Arc::new(Semaphore::new(t.max_handshakes())));
+    let rotation = tls.as_ref().map(|t| {
+        let shutdown = shared.shutdown.clone();
+        let stop = async move { shutdown.reached(Phase::Stopping).await };
+        let span = tracing::info_span!("tls_rotation", listener = %cfg.name);
+        Owned(tokio::spawn(t.clone().rotate(stop).instrument(span)))
+    });
     let mut backoff = Duration::from_millis(5);
     loop {
         // Take a connection slot first: above max_connections we stop accepting and
@@ -45,6 +91,14 @@ pub(crate) async fn serve(
         let slot = tokio::select! {
             s = limit.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
             _ = &mut stop => break,
+        };
+        // Likewise for handshakes in progress.
+        let handshake = match &handshakes {
+            None => None,
+            Some(h) => tokio::select! {
+                p = h.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
+                _ = &mut stop => break,
+            },
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -68,44 +122,151 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let info = Arc::new(ConnInfo {
-            remote,
-            https: false,
-        });
         let conn = Connection {
             shared: shared.clone(),
-            builder: builder.clone(),
+            builders: builders.clone(),
+            protocol: cfg.protocol,
             gauge: gauge.clone(),
             idle: cfg.idle_timeout.0,
             tracked: conns.track(),
+            strip: strip.clone(),
         };
+        let tls = tls.clone();
+        let name = cfg.name.clone();
         // Owned by the connection tracker: drain waits for every connection task.
         tokio::spawn(async move {
             let _slot = slot;
-            conn.run(TokioIo::new(stream), info).await;
+            let Some(tls) = tls else {
+                let info = Arc::new(ConnInfo {
+                    remote,
+                    https: false,
+                });
+                conn.run(TokioIo::new(stream), info, Alpn::None, None).await;
+                return;
+            };
+            let accepted = tls.accept(stream).await;
+            drop(handshake);
+            match accepted {
+                Ok(a) => {
+                    let info = Arc::new(ConnInfo {
+                        remote,
+                        https: true,
+                    });
+                    let identity = match (tls.identity_header(), a.identity) {
+                        (Some(h), Some(v)) => Some((h.clone(), v)),
+                        _ => None,
+                    };
+                    conn.run(TokioIo::new(a.stream), info, a.alpn, identity)
+                        .await;
+                }
+                Err(e) => {
+                    tracing::debug!(listener = %name, %remote, error = %e, "TLS handshake did not complete")
+                }
+            }
         });
     }
     tracing::debug!(listener = %cfg.name, "stopped accepting");
+    if let Some(r) = rotation {
+        r.join("tls rotation").await;
+    }
 }
 
-fn builder(cfg: &ListenerConfig) -> Builder<TokioExecutor> {
-    let mut b = Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.request_header_timeout.0)
-        .max_buf_size(cfg.max_header_bytes.0 as usize)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_bytes.0.min(u64::from(u32::MAX)) as u32)
-        .max_concurrent_streams(1024)
-        .max_pending_accept_reset_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    match cfg.protocol {
-        ListenerProtocol::Http1 => b.http1_only(),
-        ListenerProtocol::Http2 => b.http2_only(),
-        ListenerProtocol::Auto => b,
+/// A task handle aborted if dropped before it is joined (e.g. when the accept
+/// loop itself is aborted at the end of a drain).
+struct Owned(JoinHandle<()>);
+
+impl Owned {
+    async fn join(mut self, what: &str) {
+        if let Err(e) = (&mut self.0).await {
+            if !e.is_cancelled() {
+                tracing::error!(error = %e, task = what, "task failed");
+            }
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Every identity header any listener forwards: stripped from requests on
+/// all listeners, so an upstream never sees one a client wrote. Listener
+/// changes need a restart, so the set is fixed for the life of the process.
+fn identity_headers(shared: &Shared) -> Arc<[HeaderName]> {
+    let snap = shared.snapshot.load();
+    let mut names: Vec<HeaderName> = snap
+        .config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref()?.forward_client_identity_header.clone())
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names.into()
+}
+
+/// Which HTTP a connection is served with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    /// HTTP/1.1 or h2c prior knowledge, told apart by the first bytes.
+    Auto,
+    Http1,
+    Http2,
+}
+
+impl Proto {
+    /// ALPN decides when it negotiated something; else the listener's `protocol`.
+    fn select(alpn: Alpn, configured: ListenerProtocol) -> Proto {
+        match (alpn, configured) {
+            (Alpn::H2, _) => Proto::Http2,
+            (Alpn::Http11, _) => Proto::Http1,
+            (Alpn::None, ListenerProtocol::Auto) => Proto::Auto,
+            (Alpn::None, ListenerProtocol::Http1) => Proto::Http1,
+            (Alpn::None, ListenerProtocol::Http2) => Proto::Http2,
+        }
+    }
+}
+
+/// The listener's HTTP builders, one per [`Proto`]. A connection limited to
+/// one protocol gets hyper's own builder for it: hyper-util's auto builder
+/// ignores `http1_only` / `http2_only` when serving with upgrades.
+struct Builders {
+    auto: Builder<TokioExecutor>,
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(cfg: &ListenerConfig) -> Self {
+        let header_list = cfg.max_header_bytes.0.min(u64::from(u32::MAX)) as u32;
+        let mut auto = Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.request_header_timeout.0)
+            .max_buf_size(cfg.max_header_bytes.0 as usize)
+            .keep_alive(true);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(header_list)
+            .max_concurrent_streams(1024)
+            .max_pending_accept_reset_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(cfg.request_header_timeout.0)
+            .max_buf_size(cfg.max_header_bytes.0 as usize)
+            .keep_alive(true);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(header_list)
+            .max_concurrent_streams(1024)
+            .max_pending_accept_reset_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Builders { auto, h1, h2 }
     }
 }
 
@@ -117,10 +278,13 @@ fn is_resource_error(e: &io::Error) -> bool {
 /// One client connection.
 struct Connection {
     shared: Arc<Shared>,
-    builder: Arc<Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
+    protocol: ListenerProtocol,
     gauge: IntGauge,
     idle: Duration,
     tracked: crate::shutdown::Tracked,
+    /// Identity headers removed from every request (see [`identity_headers`]).
+    strip: Arc<[HeaderName]>,
 }
 
 /// Request activity on a connection, for the idle timer.
@@ -131,8 +295,15 @@ struct Activity {
 }
 
 impl Connection {
-    async fn run<I>(self, io: I, info: Arc<ConnInfo>)
-    where
+    /// Serves requests until the connection ends. `identity` is added to
+    /// every request after the incoming copies were stripped.
+    async fn run<I>(
+        self,
+        io: I,
+        info: Arc<ConnInfo>,
+        alpn: Alpn,
+        identity: Option<(HeaderName, HeaderValue)>,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         self.gauge.inc();
@@ -143,10 +314,17 @@ impl Connection {
         });
         let shared = self.shared.clone();
         let act = activity.clone();
-        let svc = service_fn(move |req| {
+        let strip = self.strip.clone();
+        let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let shared = shared.clone();
             let info = info.clone();
             let act = act.clone();
+            for name in strip.iter() {
+                req.headers_mut().remove(name);
+            }
+            if let Some((name, value)) = &identity {
+                req.headers_mut().insert(name.clone(), value.clone());
+            }
             async move {
                 act.active.fetch_add(1, Ordering::Relaxed);
                 let resp = proxy::handle(req, &info, &shared).await;
@@ -156,11 +334,55 @@ impl Connection {
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = self.builder.serve_connection_with_upgrades(io, svc);
+        let watch = Watch {
+            shared: self.shared.clone(),
+            activity,
+            idle: self.idle,
+        };
+        let b = &self.builders;
+        match Proto::select(alpn, self.protocol) {
+            Proto::Auto => {
+                let conn = b.auto.serve_connection_with_upgrades(io, svc);
+                watch.drive(conn, |c| c.graceful_shutdown()).await
+            }
+            Proto::Http1 => {
+                let conn = b.h1.serve_connection(io, svc).with_upgrades();
+                watch.drive(conn, |c| c.graceful_shutdown()).await
+            }
+            Proto::Http2 => {
+                let conn = b.h2.serve_connection(io, svc);
+                watch.drive(conn, |c| c.graceful_shutdown()).await
+            }
+        }
+        self.gauge.dec();
+        drop(self.tracked);
+    }
+}
+
+/// What ends or winds down a connection besides the client: drain and idleness.
+struct Watch {
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+    idle: Duration,
+}
+
+impl Watch {
+    /// Runs `conn` to its end: graceful close (`Connection: close` / GOAWAY)
+    /// once the drain stops accepting or the connection is idle, and dropped
+    /// outright when the drain timeout has expired.
+    async fn drive<C, E>(self, conn: C, graceful: impl Fn(Pin<&mut C>))
+    where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
         tokio::pin!(conn);
         let stop = self.shared.shutdown.reached(Phase::Stopping);
         tokio::pin!(stop);
-        let idle = idle_watch(activity, self.idle);
+        // The drain timeout expired: whatever is still open is closed now
+        // (dropping the connection cancels its requests and frees their permits).
+        let stopped = self.shared.shutdown.reached(Phase::Stopped);
+        tokio::pin!(stopped);
+        let idle = idle_watch(self.activity, self.idle);
         tokio::pin!(idle);
         let mut closing = false;
         loop {
@@ -173,16 +395,18 @@ impl Connection {
                 }
                 _ = &mut stop, if !closing => {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                 }
                 _ = &mut idle, if !closing => {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
+                }
+                _ = &mut stopped => {
+                    tracing::debug!("drain timeout: closing a connection still in use");
+                    break;
                 }
             }
         }
-        self.gauge.dec();
-        drop(self.tracked);
     }
 }
 

@@ -1,3 +1,4 @@
 //! Client-facing listeners.
 
 pub(crate) mod listener;
+pub(crate) mod tls;
