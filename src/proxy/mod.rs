@@ -326,7 +326,7 @@ async fn forward(
                         deadline,
                         cfg.timeouts.response_body_idle.0,
                         client_upgrade,
-                        &shared.tunnels,
+                        shared,
                     ));
                 }
                 let retry_after = retry_after(resp.headers());
@@ -416,7 +416,7 @@ async fn forward(
                 arrival,
                 deadline,
                 cfg.timeouts.response_body_idle.0,
-                &shared.tunnels,
+                shared,
             );
         }
         if !state.budget.try_withdraw() {
@@ -429,7 +429,7 @@ async fn forward(
                 arrival,
                 deadline,
                 cfg.timeouts.response_body_idle.0,
-                &shared.tunnels,
+                shared,
             );
         }
         drop(last);
@@ -451,11 +451,11 @@ fn finish_last(
     arrival: Instant,
     deadline: Instant,
     idle: Duration,
-    tunnels: &Arc<Tracker>,
+    shared: &Shared,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (resp, ep) = last?;
     Ok(respond(
-        resp, state, permit, global, ep, arrival, deadline, idle, None, tunnels,
+        resp, state, permit, global, ep, arrival, deadline, idle, None, shared,
     ))
 }
 
@@ -476,7 +476,7 @@ fn respond(
     deadline: Instant,
     idle: Duration,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    tunnels: &Arc<Tracker>,
+    shared: &Shared,
 ) -> Response<ProxyBody> {
     let status = resp.status();
     let guard = RequestGuard {
@@ -491,17 +491,24 @@ fn respond(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
             let upstream_side = hyper::upgrade::on(&mut resp);
-            let tracked = tunnels.track();
+            let tracked = shared.tunnels.track();
+            let shutdown = shared.shutdown.clone();
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
-            // Owned by the tunnel tracker (drain waits for it); ends when either side closes.
+            // Owned by the tunnel tracker (drain waits for it); ends when either
+            // side closes, or when the drain timeout has run out.
             tokio::spawn(async move {
                 let _tracked = tracked;
-                match tunnel(client, upstream_side).await {
-                    Ok((up, down)) => {
-                        tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed")
+                tokio::select! {
+                    res = tunnel(client, upstream_side) => match res {
+                        Ok((up, down)) => {
+                            tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed")
+                        }
+                        Err(e) => tracing::debug!(error = %e, "tunnel ended with an error"),
+                    },
+                    _ = shutdown.reached(Phase::Stopped) => {
+                        tracing::debug!("tunnel closed at the end of the drain");
                     }
-                    Err(e) => tracing::debug!(error = %e, "tunnel ended with an error"),
                 }
                 Box::new(guard).finish(BodyOutcome::Complete);
             });
