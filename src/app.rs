@@ -507,11 +507,26 @@ pub async fn reload_file(proxy: &RunningProxy, path: &std::path::Path) -> bool {
 
 /// The one reload path (SIGHUP, file watch, [`reload_file`]). The async
 /// worker only waits: file I/O, parsing, validation and the build of the new
-/// generation all run on the blocking pool.
+/// generation all run on a low-priority reload thread.
 async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
     let core = proxy.core.clone();
     let file = path.to_path_buf();
-    let done = tokio::task::spawn_blocking(move || core.reload_file(&file, trigger)).await;
+    // A dedicated thread at the lowest CPU priority: parsing and building a
+    // generation (~3 ms for 50 routes) then yields to request work on a
+    // sidecar's single core instead of delaying requests behind it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("spillway-reload".into())
+        .spawn(move || {
+            lower_thread_priority();
+            // The receiver only goes away if the caller was cancelled.
+            let _ = tx.send(core.reload_file(&file, trigger));
+        });
+    let done = match spawned {
+        // Owned: the thread ends right after sending, and we await that.
+        Ok(_) => rx.await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     match done {
         Ok(Ok(Some(_))) => true,
         Ok(Ok(None)) => {
@@ -535,6 +550,20 @@ async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
                 }],
             });
             false
+        }
+    }
+}
+
+/// Lowers the calling thread to nice 19 (Linux: priorities are per thread).
+/// Failure is harmless: the reload just runs at normal priority.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority only reads its integer arguments; `who = 0` is the
+        // calling thread, so no other thread's state is touched.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        if rc != 0 {
+            tracing::debug!("could not lower the reload thread's priority");
         }
     }
 }
