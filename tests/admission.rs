@@ -10,15 +10,13 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use support::*;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------
@@ -26,26 +24,6 @@ use tokio::time::Instant;
 // ---------------------------------------------------------------------------
 
 /// Holds upstream requests until the test lets them go.
-#[derive(Clone)]
-struct Gate(Arc<Semaphore>);
-
-impl Gate {
-    fn new() -> Self {
-        Gate(Arc::new(Semaphore::new(0)))
-    }
-    /// Waits for a pass (called by the fake upstream's handler).
-    async fn pass(&self) {
-        self.0.acquire().await.expect("gate closed").forget();
-    }
-    /// Lets `n` held (or future) requests through.
-    fn release(&self, n: usize) {
-        self.0.add_permits(n);
-    }
-    /// Lets everything through from now on.
-    fn open(&self) {
-        self.0.add_permits(1 << 20);
-    }
-}
 
 /// A fake upstream that answers 200 "ok", holding requests to `held_prefix`
 /// at `gate` first.
@@ -71,61 +49,6 @@ fn config(upstream: std::net::SocketAddr, routes: &str) -> String {
 /// A route `name` on `path_prefix` to `app` with `extra` lines (indented 4).
 fn route(name: &str, prefix: &str, extra: &str) -> String {
     route_yaml(name, &format!("      path_prefix: {prefix}"), "app", extra)
-}
-
-/// What a client saw.
-#[derive(Debug)]
-struct Seen {
-    status: StatusCode,
-    reason: Option<String>,
-    retry_after: Option<String>,
-    headers: http::HeaderMap,
-    body: Bytes,
-    elapsed: Duration,
-}
-
-impl Seen {
-    async fn read(resp: Response<Incoming>, began: Instant) -> Seen {
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = collect_body(resp.into_body()).await;
-        Seen {
-            status,
-            reason: header_str(&headers, "x-spillway-reason").map(str::to_owned),
-            retry_after: header_str(&headers, "retry-after").map(str::to_owned),
-            headers,
-            body,
-            elapsed: began.elapsed(),
-        }
-    }
-}
-
-/// GET `path` on a clone of the harness' HTTP/1.1 client (usable in tasks).
-async fn get(client: HttpClient, url: String) -> Seen {
-    let began = Instant::now();
-    let req = Request::get(url).body(empty()).expect("request");
-    let resp = client.request(req).await.expect("request through proxy");
-    Seen::read(resp, began).await
-}
-
-/// Spawns a GET whose outcome is sent on `tx`.
-fn spawn_get(h: &ProxyHarness, path: &str, tx: &mpsc::UnboundedSender<Seen>) {
-    let (client, url, tx) = (h.h1().clone(), h.url(path), tx.clone());
-    tokio::spawn(async move {
-        let _ = tx.send(get(client, url).await);
-    });
-}
-
-/// Receives one outcome, failing the test if none comes within 30 s.
-async fn recv(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
-    within(30, "a client response", rx.recv())
-        .await
-        .expect("client task ended without a response")
-}
-
-/// A metric's value (0 when the sample does not exist yet: counters are lazy).
-async fn metric(h: &ProxyHarness, name: &str, labels: &[(&str, &str)]) -> f64 {
-    h.metric_value(name, labels).await.unwrap_or(0.0)
 }
 
 /// `/status.json` entry of a route.
@@ -202,7 +125,7 @@ async fn upstream_concurrency_never_exceeds_the_cap() {
             } else {
                 (h.h2().clone(), h.url(&format!("/work/{i}")))
             };
-            tasks.spawn(get(client, url));
+            tasks.spawn(get_seen(client, url));
         }
         while let Some(seen) = tasks.join_next().await {
             let seen = seen.expect("client task");
@@ -293,7 +216,7 @@ async fn queue_full_and_queue_timeout_are_429_with_retry_after_and_reason() {
         wait_queue_depth(&h, "r", 1).await;
 
         // C finds the queue full: refused at once.
-        let c = get(h.h1().clone(), h.url("/c")).await;
+        let c = get_seen(h.h1().clone(), h.url("/c")).await;
         assert_eq!(c.status, StatusCode::TOO_MANY_REQUESTS, "{c:?}");
         assert_eq!(c.reason.as_deref(), Some("queue_full"));
         assert_eq!(c.retry_after.as_deref(), Some("3"));
@@ -650,7 +573,7 @@ async fn client_hanging_up_while_queued_frees_its_place() {
 
         // No slot leaked: with a cap of 1, two more requests pass one after the other.
         for _ in 0..2 {
-            let s = get(h.h1().clone(), h.url("/after")).await;
+            let s = get_seen(h.h1().clone(), h.url("/after")).await;
             assert_eq!(s.status, StatusCode::OK, "{s:?}");
         }
         assert_eq!(fake.hits_for_path("/gone-h1"), 0);
@@ -689,12 +612,12 @@ async fn global_limit_sheds_across_routes() {
             .await;
 
         // Another route, with room of its own, is refused by the global cap.
-        let b = get(h.h1().clone(), h.url("/b/1")).await;
+        let b = get_seen(h.h1().clone(), h.url("/b/1")).await;
         assert_eq!(b.status, StatusCode::TOO_MANY_REQUESTS, "{b:?}");
         assert_eq!(b.reason.as_deref(), Some("global_limit"));
         assert!(b.retry_after.is_some(), "global_limit carries Retry-After");
         // And so is the route holding the permits (its own shed settings apply).
-        let a = get(h.h1().clone(), h.url("/a/3")).await;
+        let a = get_seen(h.h1().clone(), h.url("/a/3")).await;
         assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{a:?}");
         assert_eq!(a.reason.as_deref(), Some("global_limit"));
         assert_eq!(a.retry_after.as_deref(), Some("4"));
@@ -718,11 +641,11 @@ async fn global_limit_sheds_across_routes() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(
-            get(h.h1().clone(), h.url("/b/2")).await.status,
+            get_seen(h.h1().clone(), h.url("/b/2")).await.status,
             StatusCode::OK
         );
         assert_eq!(
-            get(h.h1().clone(), h.url("/a/4")).await.status,
+            get_seen(h.h1().clone(), h.url("/a/4")).await.status,
             StatusCode::OK
         );
 
@@ -776,7 +699,7 @@ async fn fallback_replaces_shed_replies() {
         fake.wait_until("two held requests", |f| f.hits() == 2).await;
 
         for (path, reason) in [("/full/x", "queue_full"), ("/slow/x", "queue_timeout")] {
-            let s = get(h.h1().clone(), h.url(path)).await;
+            let s = get_seen(h.h1().clone(), h.url(path)).await;
             assert_eq!(s.status.as_u16(), 203, "{path}: {s:?}");
             assert_eq!(s.reason.as_deref(), Some(reason), "{path}");
             assert_eq!(
@@ -856,7 +779,7 @@ async fn grpc_request_gets_a_grpc_shaped_shed_reply() {
             let _ = collect_body(resp.into_body()).await;
         }
         // A plain request on the same route still gets the HTTP shape.
-        let s = get(h.h1().clone(), h.url("/plain")).await;
+        let s = get_seen(h.h1().clone(), h.url("/plain")).await;
         assert_eq!(s.status, StatusCode::TOO_MANY_REQUESTS);
         assert!(!s.headers.contains_key("grpc-status"));
         assert_eq!(fake.hits(), 1);
@@ -920,7 +843,7 @@ async fn adaptive_lifo_sheds_stale_waiters_once_the_queue_stands() {
             r["lifo_active"] == false && r["queue_depth"] == 0 && r["in_flight"] == 0
         })
         .await;
-        let s = get(h.h1().clone(), h.url("/fresh")).await;
+        let s = get_seen(h.h1().clone(), h.url("/fresh")).await;
         assert_eq!(s.status, StatusCode::OK, "{s:?}");
         assert_eq!(
             metric(
@@ -959,7 +882,7 @@ async fn adaptive_lifo_under_sustained_overload_serves_fresh_requests() {
             tasks.spawn(async move {
                 let mut seen = Vec::new();
                 while Instant::now() < stop_at {
-                    seen.push(get(client.clone(), url.clone()).await);
+                    seen.push(get_seen(client.clone(), url.clone()).await);
                 }
                 seen
             });

@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use support::*;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------
@@ -28,20 +28,6 @@ use tokio::time::Instant;
 // ---------------------------------------------------------------------------
 
 /// Holds upstream requests until the test lets them go.
-#[derive(Clone)]
-struct Gate(Arc<Semaphore>);
-
-impl Gate {
-    fn new() -> Self {
-        Gate(Arc::new(Semaphore::new(0)))
-    }
-    async fn pass(&self) {
-        self.0.acquire().await.expect("gate closed").forget();
-    }
-    fn open(&self) {
-        self.0.add_permits(1 << 20);
-    }
-}
 
 /// A route `name` on `prefix` to `upstream` with `extra` lines (indented 4).
 fn route(name: &str, prefix: &str, upstream: &str, extra: &str) -> String {
@@ -57,33 +43,6 @@ fn route(name: &str, prefix: &str, upstream: &str, extra: &str) -> String {
 fn upstream_many(name: &str, endpoints: &[SocketAddr], extra: &str) -> String {
     let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     format!("  {name}:\n    endpoints: [{}]\n{extra}", list.join(", "))
-}
-
-/// What a client saw.
-#[derive(Debug)]
-struct Seen {
-    status: StatusCode,
-    reason: Option<String>,
-    retry_after: Option<String>,
-    headers: http::HeaderMap,
-    body: Bytes,
-    elapsed: Duration,
-}
-
-impl Seen {
-    async fn read(resp: Response<Incoming>, began: Instant) -> Seen {
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = collect_body(resp.into_body()).await;
-        Seen {
-            status,
-            reason: header_str(&headers, "x-spillway-reason").map(str::to_owned),
-            retry_after: header_str(&headers, "retry-after").map(str::to_owned),
-            headers,
-            body,
-            elapsed: began.elapsed(),
-        }
-    }
 }
 
 /// Sends `req` over HTTP/1.1 and reads the whole answer.
@@ -107,32 +66,6 @@ async fn get_id(h: &ProxyHarness, path: &str, id: &str) -> Seen {
 
 async fn get(h: &ProxyHarness, path: &str) -> Seen {
     send(h, Request::get(path).body(empty()).expect("request")).await
-}
-
-/// GET on a cloned client, usable in spawned tasks.
-async fn get_with(client: HttpClient, url: String) -> Seen {
-    let began = Instant::now();
-    let req = Request::get(url).body(empty()).expect("request");
-    let resp = client.request(req).await.expect("request through proxy");
-    Seen::read(resp, began).await
-}
-
-fn spawn_get(h: &ProxyHarness, path: &str, tx: &mpsc::UnboundedSender<Seen>) {
-    let (client, url, tx) = (h.h1().clone(), h.url(path), tx.clone());
-    tokio::spawn(async move {
-        let _ = tx.send(get_with(client, url).await);
-    });
-}
-
-async fn recv(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
-    within(30, "a client response", rx.recv())
-        .await
-        .expect("client task ended without a response")
-}
-
-/// A metric's value (0 when the sample does not exist yet: counters are lazy).
-async fn metric(h: &ProxyHarness, name: &str, labels: &[(&str, &str)]) -> f64 {
-    h.metric_value(name, labels).await.unwrap_or(0.0)
 }
 
 /// Polls /metrics until `pred` holds for the value (bounded at 20 s).
@@ -1206,7 +1139,7 @@ async fn retry_budget_bounds_hits_by_ratio_plus_min_per_second() {
             let (client, url) = (h.h1().clone(), h.url(&format!("/w{w}")));
             tasks.spawn(async move {
                 for _ in 0..N / 4 {
-                    let s = get_with(client.clone(), url.clone()).await;
+                    let s = get_seen(client.clone(), url.clone()).await;
                     assert_eq!(s.status, StatusCode::SERVICE_UNAVAILABLE);
                 }
             });

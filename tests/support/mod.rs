@@ -1698,3 +1698,82 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+// === shared by the admission and resilience tests ===
+
+/// A gate the fake upstream's handler waits at: the test decides when requests pass.
+#[derive(Clone)]
+pub struct Gate(pub Arc<tokio::sync::Semaphore>);
+
+impl Gate {
+    pub fn new() -> Self {
+        Gate(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+    /// Waits for a pass (called by the fake upstream's handler).
+    pub async fn pass(&self) {
+        self.0.acquire().await.expect("gate closed").forget();
+    }
+    /// Lets `n` held (or future) requests through.
+    pub fn release(&self, n: usize) {
+        self.0.add_permits(n);
+    }
+    /// Lets everything through from now on.
+    pub fn open(&self) {
+        self.0.add_permits(1 << 20);
+    }
+}
+
+/// What a client saw.
+#[derive(Debug)]
+pub struct Seen {
+    pub status: StatusCode,
+    pub reason: Option<String>,
+    pub retry_after: Option<String>,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub elapsed: Duration,
+}
+
+impl Seen {
+    pub async fn read(resp: Response<Incoming>, began: tokio::time::Instant) -> Seen {
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = collect_body(resp.into_body()).await;
+        Seen {
+            status,
+            reason: header_str(&headers, "x-spillway-reason").map(str::to_owned),
+            retry_after: header_str(&headers, "retry-after").map(str::to_owned),
+            headers,
+            body,
+            elapsed: began.elapsed(),
+        }
+    }
+}
+
+/// GET `path` on a clone of the harness' HTTP/1.1 client (usable in tasks).
+pub async fn get_seen(client: HttpClient, url: String) -> Seen {
+    let began = tokio::time::Instant::now();
+    let req = Request::get(url).body(empty()).expect("request");
+    let resp = client.request(req).await.expect("request through proxy");
+    Seen::read(resp, began).await
+}
+
+/// Spawns a GET whose outcome is sent on `tx`.
+pub fn spawn_get(h: &ProxyHarness, path: &str, tx: &tokio::sync::mpsc::UnboundedSender<Seen>) {
+    let (client, url, tx) = (h.h1().clone(), h.url(path), tx.clone());
+    tokio::spawn(async move {
+        let _ = tx.send(get_seen(client, url).await);
+    });
+}
+
+/// Receives one outcome, failing the test if none comes within 30 s.
+pub async fn recv(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Seen {
+    within(30, "a client response", rx.recv())
+        .await
+        .expect("client task ended without a response")
+}
+
+/// A metric's value (0 when the sample does not exist yet: counters are lazy).
+pub async fn metric(h: &ProxyHarness, name: &str, labels: &[(&str, &str)]) -> f64 {
+    h.metric_value(name, labels).await.unwrap_or(0.0)
+}
