@@ -23,8 +23,6 @@ use tokio::time::Instant;
 // Helpers (this file's own; tests/support is shared and owned elsewhere)
 // ---------------------------------------------------------------------------
 
-/// Holds upstream requests until the test lets them go.
-
 /// A fake upstream that answers 200 "ok", holding requests to `held_prefix`
 /// at `gate` first.
 async fn gated_upstream(gate: &Gate, held_prefix: &'static str) -> FakeUpstream {

@@ -27,8 +27,6 @@ use tokio::time::Instant;
 // Helpers (this file's own; tests/support is shared and owned elsewhere)
 // ---------------------------------------------------------------------------
 
-/// Holds upstream requests until the test lets them go.
-
 /// A route `name` on `prefix` to `upstream` with `extra` lines (indented 4).
 fn route(name: &str, prefix: &str, upstream: &str, extra: &str) -> String {
     route_yaml(
