@@ -232,6 +232,47 @@ async fn streaming_request_arrives_incrementally() {
     .await
 }
 
+/// Full duplex over HTTP/1.1 on both legs: the upstream answers at once and
+/// echoes each part of the request body as it arrives, so the client sends
+/// its second part only after the first came back through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_bodies_stream_at_the_same_time() {
+    within(60, "test", async {
+        let fake = FakeUpstream::echo().await;
+        let h = ProxyHarness::start(&basic_yaml(fake.addr())).await;
+        let (tx, body) = body_channel();
+        let req = Request::post(h.url("/duplex")).body(body).unwrap();
+        let client = h.h1().clone();
+        let pending = tokio::spawn(async move { client.request(req).await });
+        assert!(tx.data("ping-1;").await);
+        let resp = within(20, "response head while the request streams", pending)
+            .await
+            .unwrap()
+            .expect("request failed");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while !contains(&got, b"ping-1;") {
+            let frame = within(20, "the first part echoed back", body.frame())
+                .await
+                .expect("body ended early")
+                .expect("body failed");
+            if let Ok(d) = frame.into_data() {
+                got.extend_from_slice(&d);
+            }
+        }
+        assert!(tx.data("ping-2").await);
+        drop(tx);
+        while let Some(frame) = within(20, "the rest of the echo", body.frame()).await {
+            if let Ok(d) = frame.expect("body failed").into_data() {
+                got.extend_from_slice(&d);
+            }
+        }
+        assert_eq!(&got[..], b"ping-1;ping-2");
+    })
+    .await
+}
+
 const LARGE: u64 = 256 * 1024 * 1024;
 /// Resident memory may grow by less than this while LARGE bytes stream
 /// through (the proxy, the fake upstream and the client share this process).

@@ -210,6 +210,49 @@ impl Body for UpstreamBody {
     }
 }
 
+// === RespBody ===
+
+/// An upstream's response body: from Spillway's HTTP/1.1 client or from
+/// hyper's (HTTP/2). The large variant is not boxed: the body already lives
+/// inside the boxed `UpstreamResponse`, and a second box would cost an
+/// allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum RespBody {
+    H1(super::h1::H1Body),
+    Hyper(Incoming),
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RespBody::H1(b) => Pin::new(b).poll_frame(cx),
+            RespBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::H1(b) => b.is_end_stream(),
+            RespBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::H1(b) => b.size_hint(),
+            RespBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 // === ProxyBody ===
 
 /// Something that must live exactly as long as the response body: permits and
@@ -242,7 +285,7 @@ enum Kind {
 }
 
 struct UpstreamResponse {
-    inner: Incoming,
+    inner: RespBody,
     guard: Option<Box<dyn BodyGuard>>,
     timer: IdleTimer,
     /// The whole exchange must end by the request deadline.
@@ -277,7 +320,7 @@ impl ProxyBody {
 
     /// The upstream's body; `guard` is finished when it ends.
     pub(crate) fn upstream(
-        inner: Incoming,
+        inner: RespBody,
         guard: Box<dyn BodyGuard>,
         idle: Duration,
         deadline: Instant,
@@ -324,7 +367,7 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     u.finish(BodyOutcome::Error);
-                    Poll::Ready(Some(Err(Box::new(e))))
+                    Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
                     u.finish(BodyOutcome::Complete);

@@ -73,42 +73,47 @@ pub(crate) fn is_upgrade_request(h: &HeaderMap) -> bool {
 }
 
 /// Adds the forwarding headers: x-request-id (if absent), x-forwarded-for
-/// (appended), x-forwarded-proto and x-forwarded-host (set). Returns the request id.
+/// (appended), x-forwarded-proto and x-forwarded-host (set). `client_ip` is
+/// the connection's peer address as a header value (made once per
+/// connection, so the common case costs no allocation).
 pub fn add_forwarding(
     h: &mut HeaderMap,
-    client_ip: IpAddr,
+    client_ip: &HeaderValue,
     https: bool,
-    original_host: Option<&str>,
-) -> HeaderValue {
-    let id = match h.get(&X_REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => {
-            let v = new_request_id();
-            h.insert(X_REQUEST_ID.clone(), v.clone());
-            v
-        }
-    };
-    // Append to any existing chain (several headers fold into one, in order).
-    let ip = client_ip.to_string();
-    let mut chain = String::new();
-    for v in h.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            chain.push_str(s);
-            chain.push_str(", ");
-        }
+    original_host: Option<HeaderValue>,
+) {
+    h.reserve(4);
+    if !h.contains_key(&X_REQUEST_ID) {
+        h.insert(X_REQUEST_ID.clone(), new_request_id());
     }
-    chain.push_str(&ip);
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    // Append to any existing chain (several headers fold into one, in order).
+    let xff = if h.contains_key(&X_FORWARDED_FOR) {
+        let mut chain = Vec::with_capacity(64);
+        for v in h.get_all(&X_FORWARDED_FOR) {
+            chain.extend_from_slice(v.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(client_ip.as_bytes());
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)).ok()
+    } else {
+        Some(client_ip.clone())
+    };
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if https { "https" } else { "http" }),
     );
-    if let Some(host) = original_host.and_then(|s| HeaderValue::from_str(s).ok()) {
+    if let Some(host) = original_host {
         h.insert(X_FORWARDED_HOST.clone(), host);
     }
-    id
+}
+
+/// A peer address as a header value, shareable without copying.
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// 128 random bits as 32 hex digits.
@@ -160,21 +165,26 @@ mod tests {
     fn forwarding_headers() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let id = add_forwarding(
+        add_forwarding(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &ip_header_value("127.0.0.1".parse().unwrap()),
             false,
-            Some("svc.local"),
+            Some(HeaderValue::from_static("svc.local")),
         );
-        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-request-id"].len(), 32);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "svc.local");
         let mut h2 = HeaderMap::new();
         h2.insert("x-request-id", HeaderValue::from_static("abc"));
-        assert_eq!(
-            add_forwarding(&mut h2, "::1".parse().unwrap(), true, None),
-            "abc"
+        add_forwarding(
+            &mut h2,
+            &ip_header_value("::1".parse().unwrap()),
+            true,
+            None,
         );
+        assert_eq!(h2["x-request-id"], "abc");
+        assert_eq!(h2["x-forwarded-for"], "::1");
+        assert_eq!(h2["x-forwarded-proto"], "https");
     }
 }

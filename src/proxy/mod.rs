@@ -12,6 +12,7 @@
 pub mod admission;
 pub(crate) mod body;
 pub(crate) mod breaker;
+pub(crate) mod h1;
 pub(crate) mod headers;
 pub(crate) mod retry;
 pub(crate) mod router;
@@ -37,9 +38,9 @@ use crate::metrics::Metrics;
 use crate::registry::{Route, RouteState, Snapshot};
 use crate::shutdown::{Phase, Shutdown, Tracker};
 use admission::{GlobalPermit, Permit, Rejected};
-use body::{BodyGuard, BodyOutcome, ProxyBody, RequestBody, UpstreamBody};
+use body::{BodyGuard, BodyOutcome, ProxyBody, RequestBody, RespBody, UpstreamBody};
 use retry::{safe_to_retry, RetryCause};
-use upstream::{EndpointLoad, UpstreamError, CONNECT_STAGE, OUTCOME_TIMEOUT};
+use upstream::{EndpointLoad, UpstreamError, OUTCOME_TIMEOUT};
 
 /// Everything the data path reads, shared by all connections.
 pub(crate) struct Shared {
@@ -55,8 +56,18 @@ pub(crate) struct Shared {
 
 /// What a connection knows about itself.
 pub(crate) struct ConnInfo {
-    pub remote: SocketAddr,
+    /// The peer's address as a header value (x-forwarded-for), made once.
+    pub remote_ip: HeaderValue,
     pub https: bool,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(remote: SocketAddr, https: bool) -> Self {
+        ConnInfo {
+            remote_ip: headers::ip_header_value(remote.ip()),
+            https,
+        }
+    }
 }
 
 impl Shared {
@@ -173,24 +184,24 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let original_host = match parts.headers.get(HOST) {
-        Some(h) => h.to_str().ok().map(str::to_owned),
-        None => parts.uri.authority().map(|a| a.as_str().to_owned()),
-    };
-    if !parts.headers.contains_key(HOST) {
-        if let Some(auth) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(HOST, auth);
+        Some(h) => Some(h.clone()),
+        None => {
+            let auth = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            if let Some(a) = &auth {
+                parts.headers.insert(HOST, a.clone());
+            }
+            auth
         }
-    }
+    };
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    let request_id = headers::add_forwarding(
+    headers::add_forwarding(
         &mut parts.headers,
-        conn.remote.ip(),
+        &conn.remote_ip,
         conn.https,
-        original_host.as_deref(),
+        original_host,
     );
     let path = parts.uri.path_and_query().cloned();
     parts.version = match route.upstream.config.protocol {
@@ -284,12 +295,13 @@ async fn forward(
         if upstream.endpoint_count() > 1 {
             failed_endpoint = Some(ep.label().to_string());
         }
-        let call = upstream.send(&ep, Request::from_parts(up_parts, this_body), path.clone());
-        let result = tokio::time::timeout_at(
-            attempt_deadline,
-            CONNECT_STAGE.scope(state.hist.connect.clone(), call),
-        )
-        .await;
+        let call = upstream.send(
+            &ep,
+            Request::from_parts(up_parts, this_body),
+            path.clone(),
+            &state.hist.connect,
+        );
+        let result = tokio::time::timeout_at(attempt_deadline, call).await;
         state
             .hist
             .upstream_headers
@@ -302,7 +314,7 @@ async fn forward(
 
         let (cause, last): (
             RetryCause,
-            Result<(hyper::Response<Incoming>, EndpointLoad), ProxyError>,
+            Result<(hyper::Response<RespBody>, EndpointLoad), ProxyError>,
         ) = match result {
             Ok(Ok(mut resp)) => {
                 let status = resp.status();
@@ -434,7 +446,7 @@ async fn forward(
         }
         drop(last);
         state.count_retry(cause.label());
-        tracing::debug!(route = %state.name, request_id = ?request_id, cause = cause.label(), ?delay, "retrying");
+        tracing::debug!(route = %state.name, request_id = ?parts.headers.get(&headers::X_REQUEST_ID), cause = cause.label(), ?delay, "retrying");
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -444,7 +456,7 @@ async fn forward(
 /// The last attempt's outcome when no retry follows.
 #[allow(clippy::too_many_arguments)]
 fn finish_last(
-    last: Result<(hyper::Response<Incoming>, EndpointLoad), ProxyError>,
+    last: Result<(hyper::Response<RespBody>, EndpointLoad), ProxyError>,
     state: &Arc<RouteState>,
     permit: Permit,
     global: GlobalPermit,
@@ -467,7 +479,7 @@ struct RetryAfterHint(Option<Duration>);
 /// permits until the body ends. A `101` hands both sides to a tunnel task.
 #[allow(clippy::too_many_arguments)]
 fn respond(
-    mut resp: hyper::Response<Incoming>,
+    mut resp: hyper::Response<RespBody>,
     state: &Arc<RouteState>,
     permit: Permit,
     global: GlobalPermit,
@@ -489,8 +501,11 @@ fn respond(
     };
     resp.extensions_mut().remove::<RetryAfterHint>();
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
-            let upstream_side = hyper::upgrade::on(&mut resp);
+        let upstream_side = match resp.body_mut() {
+            RespBody::H1(b) => b.take_upgraded(),
+            RespBody::Hyper(_) => None,
+        };
+        if let (Some(client), Some(upstream_side)) = (client_upgrade, upstream_side) {
             let tracked = shared.tunnels.track();
             let shutdown = shared.shutdown.clone();
             let (mut parts, _) = resp.into_parts();
@@ -523,14 +538,20 @@ fn respond(
     )
 }
 
+/// Copies both ways between the client's upgraded connection and the
+/// upstream's, starting with what the upstream sent after its `101` head.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    mut upstream: h1::Upgraded,
 ) -> Result<(u64, u64), Box<dyn std::error::Error + Send + Sync>> {
-    let (c, u) = tokio::try_join!(client, upstream)?;
-    let mut c = hyper_util::rt::TokioIo::new(c);
-    let mut u = hyper_util::rt::TokioIo::new(u);
-    Ok(tokio::io::copy_bidirectional(&mut c, &mut u).await?)
+    use tokio::io::AsyncWriteExt;
+    let mut c = hyper_util::rt::TokioIo::new(client.await?);
+    let early = upstream.read_ahead.len() as u64;
+    if early > 0 {
+        c.write_all(&upstream.read_ahead).await?;
+    }
+    let (up, down) = tokio::io::copy_bidirectional(&mut c, &mut upstream.io).await?;
+    Ok((up, down + early))
 }
 
 /// Lives as long as the response body; releases permits and records the request.

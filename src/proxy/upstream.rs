@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,8 +23,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::Service;
 
-use super::body::{find_body_error, BodyError, UpstreamBody};
+use super::body::{find_body_error, BodyError, RespBody, UpstreamBody};
 use super::breaker::{Breaker, BreakerConfig, BreakerState, FailureRate};
+use super::h1;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::metrics::{LazyCounters, Metrics};
 use crate::server::tls::TlsClient;
@@ -55,7 +55,11 @@ pub(crate) const OUTCOME_TIMEOUT: usize = 7;
 pub(crate) struct Upstream {
     pub name: String,
     pub config: UpstreamConfig,
-    client: Client<Connector, UpstreamBody>,
+    /// HTTP/2 upstreams: hyper-util's client (one multiplexed connection).
+    /// HTTP/1.1 upstreams use Spillway's own client ([`h1`]) and the
+    /// endpoints' pools.
+    client: Option<Client<Connector, UpstreamBody>>,
+    connector: Connector,
     endpoints: Vec<Arc<Endpoint>>,
     pub breaker: Option<Arc<Breaker>>,
     metrics: Arc<Metrics>,
@@ -65,6 +69,8 @@ pub(crate) struct Upstream {
 pub(crate) struct Endpoint {
     authority: Authority,
     pub label: String,
+    /// Idle HTTP/1.1 connections.
+    pool: Arc<h1::Pool>,
     in_flight: AtomicUsize,
     outcomes: LazyCounters<8>,
 }
@@ -119,16 +125,16 @@ impl Upstream {
             }
             None => None,
         };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool.idle_timeout.0)
-            .pool_max_idle_per_host(config.pool.max_idle_per_endpoint);
-        if config.protocol == UpstreamProtocol::Http2 {
-            builder.http2_only(true);
-        }
-        let client = builder.build(Connector { http, tls });
+        let connector = Connector { http, tls };
+        let client = (config.protocol == UpstreamProtocol::Http2).then(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(config.pool.idle_timeout.0)
+                .pool_max_idle_per_host(config.pool.max_idle_per_endpoint)
+                .http2_only(true)
+                .build(connector.clone())
+        });
         let endpoints = config
             .endpoints
             .iter()
@@ -139,6 +145,10 @@ impl Upstream {
                 Ok(Arc::new(Endpoint {
                     authority,
                     label: ep.clone(),
+                    pool: Arc::new(h1::Pool::new(
+                        config.pool.max_idle_per_endpoint,
+                        config.pool.idle_timeout.0,
+                    )),
                     in_flight: AtomicUsize::new(0),
                     outcomes: LazyCounters::new(),
                 }))
@@ -174,6 +184,7 @@ impl Upstream {
             name: config.name.clone(),
             config: config.clone(),
             client,
+            connector,
             endpoints,
             breaker,
             metrics: metrics.clone(),
@@ -240,9 +251,101 @@ impl Upstream {
     pub(crate) async fn send(
         &self,
         ep: &EndpointLoad,
+        req: Request<UpstreamBody>,
+        path: Option<PathAndQuery>,
+        connect_stage: &Histogram,
+    ) -> Result<Response<RespBody>, UpstreamError> {
+        let result = match &self.client {
+            Some(client) => {
+                // hyper-util's pool connects out of sight: the connector finds the
+                // route's histogram in a task-local.
+                let call = self.send_h2(client, ep, req, path);
+                CONNECT_STAGE.scope(connect_stage.clone(), call).await
+            }
+            None => self.send_h1(ep, req, path, connect_stage).await,
+        };
+        match &result {
+            Ok(resp) => {
+                let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
+                self.count(ep, class);
+            }
+            Err(UpstreamError::Connect(_)) => self.count(ep, OUTCOME_CONNECT),
+            Err(UpstreamError::Reset(_)) => self.count(ep, OUTCOME_RESET),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// HTTP/1.1: a pooled connection (or a new one), driven in this task.
+    async fn send_h1(
+        &self,
+        ep: &EndpointLoad,
+        req: Request<UpstreamBody>,
+        path: Option<PathAndQuery>,
+        connect_stage: &Histogram,
+    ) -> Result<Response<RespBody>, UpstreamError> {
+        let (parts, mut body) = req.into_parts();
+        let target = path.as_ref().map_or("/", PathAndQuery::as_str);
+        let pool = &ep.0.pool;
+        // A pooled connection the upstream closed meanwhile costs one more try.
+        let mut fresh_only = false;
+        loop {
+            let head = h1::encode_head(&parts.method, target, &parts.headers, &body).freeze();
+            let (io, reused) = match (!fresh_only).then(|| pool.checkout()).flatten() {
+                Some(io) => (io, true),
+                None => (self.connect(ep, connect_stage).await?, false),
+            };
+            match h1::exchange(io, reused, head, body, &parts.method, pool.clone()).await {
+                Ok(resp) => return Ok(resp.map(RespBody::H1)),
+                Err(h1::Error::Stale(msg, returned)) => {
+                    tracing::debug!(endpoint = ep.label(), error = %msg, "pooled connection was closed; sending again on a new one");
+                    body = returned;
+                    fresh_only = true;
+                }
+                Err(h1::Error::Reset(msg)) => return Err(UpstreamError::Reset(msg)),
+                Err(h1::Error::Body(e)) => {
+                    return Err(match find_body_error(e.as_ref()) {
+                        Some(BodyError::TooLarge) => UpstreamError::BodyTooLarge,
+                        Some(_) => UpstreamError::ClientBody("request body idle timeout".into()),
+                        None => UpstreamError::Reset(format!("request body: {e}")),
+                    })
+                }
+            }
+        }
+    }
+
+    /// A new connection to `ep` (TCP, then TLS when configured).
+    async fn connect(
+        &self,
+        ep: &EndpointLoad,
+        connect_stage: &Histogram,
+    ) -> Result<UpstreamIo, UpstreamError> {
+        let start = Instant::now();
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let uri: Uri = format!("{scheme}://{}/", ep.0.authority)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::Connect(e.to_string()))?;
+        let mut connector = self.connector.clone();
+        let result = connector.call(uri).await;
+        connect_stage.observe(start.elapsed().as_secs_f64());
+        match result {
+            Ok(io) => Ok(io.into_inner()),
+            Err(e) => Err(UpstreamError::Connect(error_chain(e.as_ref()))),
+        }
+    }
+
+    /// HTTP/2: hyper-util's client multiplexes on its connection.
+    async fn send_h2(
+        &self,
+        client: &Client<Connector, UpstreamBody>,
+        ep: &EndpointLoad,
         mut req: Request<UpstreamBody>,
         path: Option<PathAndQuery>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<RespBody>, UpstreamError> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(if self.config.tls.is_some() {
             Scheme::HTTPS
@@ -253,12 +356,8 @@ impl Upstream {
         parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         *req.uri_mut() =
             Uri::from_parts(parts).map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        match self.client.request(req).await {
-            Ok(resp) => {
-                let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-                self.count(ep, class);
-                Ok(resp)
-            }
+        match client.request(req).await {
+            Ok(resp) => Ok(resp.map(RespBody::Hyper)),
             Err(e) => {
                 if let Some(b) = find_body_error(&e) {
                     return Err(match b {
@@ -269,10 +368,8 @@ impl Upstream {
                     });
                 }
                 if e.is_connect() {
-                    self.count(ep, OUTCOME_CONNECT);
                     Err(UpstreamError::Connect(error_chain(&e)))
                 } else {
-                    self.count(ep, OUTCOME_RESET);
                     Err(UpstreamError::Reset(error_chain(&e)))
                 }
             }

@@ -137,10 +137,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _slot = slot;
             let Some(tls) = tls else {
-                let info = Arc::new(ConnInfo {
-                    remote,
-                    https: false,
-                });
+                let info = Arc::new(ConnInfo::new(remote, false));
                 conn.run(TokioIo::new(stream), info, Alpn::None, None).await;
                 return;
             };
@@ -148,10 +145,7 @@ async fn accept_loop(
             drop(handshake);
             match accepted {
                 Ok(a) => {
-                    let info = Arc::new(ConnInfo {
-                        remote,
-                        https: true,
-                    });
+                    let info = Arc::new(ConnInfo::new(remote, true));
                     let identity = match (tls.identity_header(), a.identity) {
                         (Some(h), Some(v)) => Some((h.clone(), v)),
                         _ => None,
