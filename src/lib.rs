@@ -30,6 +30,8 @@ pub mod bench_api {
         pub use crate::proxy::router::Router;
     }
     pub mod headers {
-        pub use crate::proxy::headers::{add_forwarding, ip_header_value, strip_hop_by_hop};
+        pub use crate::proxy::headers::{
+            add_forwarding, forwarded, ip_header_value, strip_hop_by_hop, Forwarded,
+        };
     }
 }

@@ -5,9 +5,12 @@
 //! accepting, ask connections to close: `Connection: close`, GOAWAY; wait up
 //! to `drain.timeout` for in-flight requests) -> `Stopped`.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 
+use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 
 /// Where the process is in its life.
@@ -23,6 +26,23 @@ pub(crate) enum Phase {
 pub(crate) struct Shutdown {
     phase: AtomicU8,
     tx: watch::Sender<Phase>,
+    /// Connection tasks woken at every phase change. A connection registers
+    /// its task's waker once and then reads [`Shutdown::phase`] on each poll:
+    /// far cheaper per request than polling a channel future.
+    wakers: Mutex<HashMap<u64, Waker>>,
+    next_waker: AtomicU64,
+}
+
+/// Keeps a waker registered with [`Shutdown`]; unregisters on drop.
+pub(crate) struct PhaseWaker {
+    shutdown: Arc<Shutdown>,
+    id: u64,
+}
+
+impl Drop for PhaseWaker {
+    fn drop(&mut self) {
+        self.shutdown.wakers.lock().remove(&self.id);
+    }
 }
 
 impl Shutdown {
@@ -31,6 +51,8 @@ impl Shutdown {
         Arc::new(Shutdown {
             phase: AtomicU8::new(0),
             tx,
+            wakers: Mutex::new(HashMap::new()),
+            next_waker: AtomicU64::new(0),
         })
     }
 
@@ -49,6 +71,20 @@ impl Shutdown {
         let prev = self.phase.fetch_max(to as u8, Ordering::AcqRel);
         if prev < to as u8 {
             self.tx.send_replace(to);
+            for w in self.wakers.lock().values() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Wakes `waker` at every phase change from now on. The caller reads
+    /// [`Shutdown::phase`] after registering, so no change can be missed.
+    pub(crate) fn register(self: &Arc<Self>, waker: &Waker) -> PhaseWaker {
+        let id = self.next_waker.fetch_add(1, Ordering::Relaxed);
+        self.wakers.lock().insert(id, waker.clone());
+        PhaseWaker {
+            shutdown: self.clone(),
+            id,
         }
     }
 

@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
@@ -39,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::body::{BoxError, UpstreamBody};
+use super::headers::Forwarded;
 use super::upstream::UpstreamIo;
 
 /// Largest response head (status line + headers) accepted from an upstream.
@@ -68,9 +70,28 @@ pub(crate) struct Pool {
 }
 
 struct IdleConn {
-    io: UpstreamIo,
+    conn: Conn,
     since: Instant,
 }
+
+/// An upstream connection and its read buffer, which stays with it in the
+/// pool so a request on a pooled connection allocates no buffer.
+pub(crate) struct Conn {
+    io: UpstreamIo,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub(crate) fn new(io: UpstreamIo) -> Self {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+/// A pooled connection keeps a read buffer up to this size.
+const KEEP_BUFFER: usize = 64 * 1024;
 
 impl Pool {
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Self {
@@ -82,7 +103,7 @@ impl Pool {
     }
 
     /// The most recently used live connection, if any.
-    pub(crate) fn checkout(&self) -> Option<UpstreamIo> {
+    pub(crate) fn checkout(&self) -> Option<Conn> {
         loop {
             let candidate = {
                 let mut idle = self.idle.lock();
@@ -96,24 +117,27 @@ impl Pool {
                 }
                 idle.pop_back()
             };
-            let mut conn = candidate?;
-            if is_alive(&mut conn.io) {
-                return Some(conn.io);
+            let mut idle = candidate?;
+            if is_alive(&mut idle.conn.io) {
+                return Some(idle.conn);
             }
         }
     }
 
     /// Returns a connection whose exchange ended cleanly.
-    fn checkin(&self, io: UpstreamIo) {
+    fn checkin(&self, mut conn: Conn) {
         if self.max_idle == 0 {
             return;
+        }
+        if conn.buf.capacity() > KEEP_BUFFER {
+            conn.buf = BytesMut::new();
         }
         let mut idle = self.idle.lock();
         if idle.len() >= self.max_idle {
             idle.pop_front();
         }
         idle.push_back(IdleConn {
-            io,
+            conn,
             since: Instant::now(),
         });
     }
@@ -157,11 +181,13 @@ fn framing(body: &UpstreamBody) -> Framing {
 }
 
 /// Serializes a request head: origin-form target, HTTP/1.1, the headers as
-/// they are (names lower-case) and Spillway's own body framing.
+/// they are (names lower-case), the forwarding headers, and Spillway's own
+/// body framing.
 pub(crate) fn encode_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    fwd: Option<&Forwarded>,
     body: &UpstreamBody,
 ) -> BytesMut {
     let framing = framing(body);
@@ -169,19 +195,31 @@ pub(crate) fn encode_head(
     for (n, v) in headers {
         len += n.as_str().len() + v.len() + 4;
     }
+    if let Some(f) = fwd {
+        f.each(|n, v| len += n.as_str().len() + v.len() + 4);
+    }
     let mut out = BytesMut::with_capacity(len);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (n, v) in headers {
-        if n == TRANSFER_ENCODING || (n == CONTENT_LENGTH && framing != Framing::None) {
-            continue;
-        }
+    let mut put = |n: &HeaderName, v: &HeaderValue| {
         out.extend_from_slice(n.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    for (n, v) in headers {
+        if n == TRANSFER_ENCODING
+            || (n == CONTENT_LENGTH && framing != Framing::None)
+            || fwd.is_some_and(|f| f.replaces(n))
+        {
+            continue;
+        }
+        put(n, v);
+    }
+    if let Some(f) = fwd {
+        f.each(&mut put);
     }
     match framing {
         Framing::None => {}
@@ -450,7 +488,7 @@ impl Wire {
 /// connection. `reused` says whether `io` came from the pool, which makes a
 /// connection found closed before any response byte a [`Error::Stale`].
 pub(crate) async fn exchange(
-    io: UpstreamIo,
+    conn: Conn,
     reused: bool,
     head: Bytes,
     body: UpstreamBody,
@@ -476,8 +514,8 @@ pub(crate) async fn exchange(
     };
     let mut ex = Exchange {
         wire: Some(Wire {
-            io,
-            buf: BytesMut::new(),
+            io: conn.io,
+            buf: conn.buf,
             pool,
         }),
         sender: Sender {
@@ -632,32 +670,37 @@ enum Chunk {
 /// Parses a complete response head off the front of `buf`, or `None` when
 /// more bytes are needed.
 fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, String> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("invalid upstream response head: {e}")),
+    // First pass: is the head complete, and how long is it?
+    let len = {
+        let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)
+        {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("invalid upstream response head: {e}")),
+        }
     };
+    // Second pass over the head's own bytes, so header values share them
+    // (no copy) and the buffer keeps what follows.
+    let head = buf.split_to(len).freeze();
+    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    if let Err(e) = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, &head, &mut raw)
+    {
+        return Err(format!("invalid upstream response head: {e}"));
+    }
     let code = resp.code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| format!("invalid upstream status {code}"))?;
     let http10 = resp.version == Some(0);
-    // Where each header sits in the head, so values can share its bytes.
-    let base = buf.as_ptr() as usize;
-    let count = resp.headers.len();
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *span = (name, name + h.name.len(), value, value + h.value.len());
-    }
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| "invalid upstream header name".to_string())?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
             .map_err(|_| format!("invalid value in upstream header {name}"))?;
         headers.append(name, value);
     }
@@ -781,7 +824,10 @@ impl H1Body {
         self.state = State::Done;
         if let Some(wire) = self.wire.take() {
             if self.keep_alive && self.sender.is_none() && wire.buf.is_empty() {
-                wire.pool.checkin(wire.io);
+                wire.pool.checkin(Conn {
+                    io: wire.io,
+                    buf: wire.buf,
+                });
             }
         }
         self.sender = None;
@@ -1181,6 +1227,7 @@ mod tests {
             &Method::POST,
             "/a?b=1",
             &h,
+            None,
             &UpstreamBody::Replay(Some(Bytes::from_static(b"xyz"))),
         );
         assert_eq!(
@@ -1189,11 +1236,35 @@ mod tests {
         );
         h.remove("transfer-encoding");
         h.insert("content-length", HeaderValue::from_static("0"));
-        let head = encode_head(&Method::GET, "/", &h, &UpstreamBody::Empty);
+        let head = encode_head(&Method::GET, "/", &h, None, &UpstreamBody::Empty);
         assert_eq!(
             &head[..],
             &b"GET / HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\n\r\n"[..]
         );
+    }
+
+    #[test]
+    fn forwarding_headers_are_written_in_place_of_the_clients() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("svc"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("spoofed"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        let ip = crate::proxy::headers::ip_header_value("127.0.0.1".parse().unwrap());
+        let fwd =
+            crate::proxy::headers::forwarded(&h, &ip, true, Some(HeaderValue::from_static("svc")));
+        let head = encode_head(&Method::GET, "/", &h, Some(&fwd), &UpstreamBody::Empty);
+        let text = String::from_utf8(head.to_vec()).unwrap();
+        for line in [
+            "x-request-id: abc\r\n",
+            "x-forwarded-for: 10.0.0.1, 127.0.0.1\r\n",
+            "x-forwarded-proto: https\r\n",
+            "x-forwarded-host: svc\r\n",
+        ] {
+            assert_eq!(text.matches(line).count(), 1, "{line:?} once in {text:?}");
+        }
+        assert!(!text.contains("spoofed"));
+        assert_eq!(text.matches("x-forwarded-for").count(), 1);
     }
 
     #[test]
@@ -1265,13 +1336,13 @@ mod tests {
         let (io, reused) = match pool.checkout() {
             Some(io) => (io, true),
             None => (
-                UpstreamIo::Plain(TcpStream::connect(addr).await.unwrap()),
+                Conn::new(UpstreamIo::Plain(TcpStream::connect(addr).await.unwrap())),
                 false,
             ),
         };
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("up"));
-        let head = encode_head(&Method::GET, path, &h, &UpstreamBody::Empty).freeze();
+        let head = encode_head(&Method::GET, path, &h, None, &UpstreamBody::Empty).freeze();
         let resp = match exchange(
             io,
             reused,
@@ -1376,8 +1447,14 @@ mod tests {
         match pool.checkout() {
             None => {}
             Some(io) => {
-                let head = encode_head(&Method::GET, "/", &HeaderMap::new(), &UpstreamBody::Empty)
-                    .freeze();
+                let head = encode_head(
+                    &Method::GET,
+                    "/",
+                    &HeaderMap::new(),
+                    None,
+                    &UpstreamBody::Empty,
+                )
+                .freeze();
                 let r = exchange(
                     io,
                     true,
@@ -1410,7 +1487,9 @@ mod tests {
         });
         let pool = Pool::new(2, Duration::from_secs(10));
         for _ in 0..3 {
-            pool.checkin(UpstreamIo::Plain(TcpStream::connect(addr).await.unwrap()));
+            pool.checkin(Conn::new(UpstreamIo::Plain(
+                TcpStream::connect(addr).await.unwrap(),
+            )));
         }
         let _held = accept.await.unwrap();
         assert_eq!(

@@ -16,6 +16,23 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop headers. With `upgrade`, `Connection: upgrade` and
 /// `Upgrade` are kept because the next hop must see them to switch protocols.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the names instead of a
+    // hashed lookup per hop-by-hop header.
+    let any = h.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::TE
+            || n == header::UPGRADE
+            || n == header::PROXY_AUTHENTICATE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    });
+    if !any {
+        if upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     // Headers named by Connection are hop-by-hop too. Collect names first: the
     // map cannot be mutated while borrowed. Only allocates when Connection lists
     // something other than the usual tokens.
@@ -72,20 +89,30 @@ pub(crate) fn is_upgrade_request(h: &HeaderMap) -> bool {
         })
 }
 
-/// Adds the forwarding headers: x-request-id (if absent), x-forwarded-for
-/// (appended), x-forwarded-proto and x-forwarded-host (set). `client_ip` is
-/// the connection's peer address as a header value (made once per
-/// connection, so the common case costs no allocation).
-pub fn add_forwarding(
-    h: &mut HeaderMap,
+/// The forwarding headers of one request: x-request-id (when the client
+/// sent none), x-forwarded-for (the client's chain with the peer appended),
+/// x-forwarded-proto and x-forwarded-host (set). Computed once per request;
+/// the HTTP/1.1 client writes them while encoding the head (no insertion
+/// into, and no growth of, the request's header map), the HTTP/2 path
+/// inserts them ([`Forwarded::apply`]).
+#[derive(Clone, Debug)]
+pub struct Forwarded {
+    request_id: Option<HeaderValue>,
+    xff: Option<HeaderValue>,
+    proto: HeaderValue,
+    host: Option<HeaderValue>,
+}
+
+/// Computes the forwarding headers for a request with headers `h`.
+/// `client_ip` is the connection's peer address as a header value (made
+/// once per connection, so the common case costs no allocation).
+pub fn forwarded(
+    h: &HeaderMap,
     client_ip: &HeaderValue,
     https: bool,
     original_host: Option<HeaderValue>,
-) {
-    h.reserve(4);
-    if !h.contains_key(&X_REQUEST_ID) {
-        h.insert(X_REQUEST_ID.clone(), new_request_id());
-    }
+) -> Forwarded {
+    let request_id = (!h.contains_key(&X_REQUEST_ID)).then(new_request_id);
     // Append to any existing chain (several headers fold into one, in order).
     let xff = if h.contains_key(&X_FORWARDED_FOR) {
         let mut chain = Vec::with_capacity(64);
@@ -98,16 +125,58 @@ pub fn add_forwarding(
     } else {
         Some(client_ip.clone())
     };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR.clone(), v);
+    Forwarded {
+        request_id,
+        xff,
+        proto: HeaderValue::from_static(if https { "https" } else { "http" }),
+        host: original_host,
     }
-    h.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if https { "https" } else { "http" }),
-    );
-    if let Some(host) = original_host {
-        h.insert(X_FORWARDED_HOST.clone(), host);
+}
+
+impl Forwarded {
+    /// Does one of these headers replace the request's own `name`?
+    pub(crate) fn replaces(&self, name: &HeaderName) -> bool {
+        (name == X_FORWARDED_FOR && self.xff.is_some())
+            || name == X_FORWARDED_PROTO
+            || (name == X_FORWARDED_HOST && self.host.is_some())
     }
+
+    /// The headers to add, in order.
+    pub(crate) fn each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        if let Some(v) = &self.request_id {
+            f(&X_REQUEST_ID, v);
+        }
+        if let Some(v) = &self.xff {
+            f(&X_FORWARDED_FOR, v);
+        }
+        f(&X_FORWARDED_PROTO, &self.proto);
+        if let Some(v) = &self.host {
+            f(&X_FORWARDED_HOST, v);
+        }
+    }
+
+    /// Inserts the headers into `h` (replacing what they replace).
+    pub fn apply(&self, h: &mut HeaderMap) {
+        h.reserve(4);
+        self.each(|n, v| {
+            h.insert(n.clone(), v.clone());
+        });
+    }
+
+    /// The request id the upstream sees, when Spillway made it.
+    pub(crate) fn request_id(&self) -> Option<&HeaderValue> {
+        self.request_id.as_ref()
+    }
+}
+
+/// Adds the forwarding headers to `h` (see [`forwarded`]).
+pub fn add_forwarding(
+    h: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    https: bool,
+    original_host: Option<HeaderValue>,
+) {
+    forwarded(h, client_ip, https, original_host).apply(h);
 }
 
 /// A peer address as a header value, shareable without copying.

@@ -197,13 +197,7 @@ async fn forward(
         }
     };
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarding(
-        &mut parts.headers,
-        &conn.remote_ip,
-        conn.https,
-        original_host,
-    );
-    let path = parts.uri.path_and_query().cloned();
+    let fwd = headers::forwarded(&parts.headers, &conn.remote_ip, conn.https, original_host);
     parts.version = match route.upstream.config.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -298,7 +292,7 @@ async fn forward(
         let call = upstream.send(
             &ep,
             Request::from_parts(up_parts, this_body),
-            path.clone(),
+            &fwd,
             &state.hist.connect,
         );
         let result = tokio::time::timeout_at(attempt_deadline, call).await;
@@ -446,7 +440,7 @@ async fn forward(
         }
         drop(last);
         state.count_retry(cause.label());
-        tracing::debug!(route = %state.name, request_id = ?parts.headers.get(&headers::X_REQUEST_ID), cause = cause.label(), ?delay, "retrying");
+        tracing::debug!(route = %state.name, request_id = ?fwd.request_id().or(parts.headers.get(&headers::X_REQUEST_ID)), cause = cause.label(), ?delay, "retrying");
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

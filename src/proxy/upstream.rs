@@ -26,6 +26,7 @@ use tower::Service;
 use super::body::{find_body_error, BodyError, RespBody, UpstreamBody};
 use super::breaker::{Breaker, BreakerConfig, BreakerState, FailureRate};
 use super::h1;
+use super::headers::Forwarded;
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::metrics::{LazyCounters, Metrics};
 use crate::server::tls::TlsClient;
@@ -247,22 +248,24 @@ impl Upstream {
         EndpointLoad(ep.clone())
     }
 
-    /// Sends one attempt to `ep`. `path` is the client's path and query.
+    /// Sends one attempt to `ep`: the request's path and query go to the
+    /// endpoint, whatever authority the client named.
     pub(crate) async fn send(
         &self,
         ep: &EndpointLoad,
-        req: Request<UpstreamBody>,
-        path: Option<PathAndQuery>,
+        mut req: Request<UpstreamBody>,
+        fwd: &Forwarded,
         connect_stage: &Histogram,
     ) -> Result<Response<RespBody>, UpstreamError> {
         let result = match &self.client {
             Some(client) => {
+                fwd.apply(req.headers_mut());
                 // hyper-util's pool connects out of sight: the connector finds the
                 // route's histogram in a task-local.
-                let call = self.send_h2(client, ep, req, path);
+                let call = self.send_h2(client, ep, req);
                 CONNECT_STAGE.scope(connect_stage.clone(), call).await
             }
-            None => self.send_h1(ep, req, path, connect_stage).await,
+            None => self.send_h1(ep, req, fwd, connect_stage).await,
         };
         match &result {
             Ok(resp) => {
@@ -281,21 +284,27 @@ impl Upstream {
         &self,
         ep: &EndpointLoad,
         req: Request<UpstreamBody>,
-        path: Option<PathAndQuery>,
+        fwd: &Forwarded,
         connect_stage: &Histogram,
     ) -> Result<Response<RespBody>, UpstreamError> {
         let (parts, mut body) = req.into_parts();
-        let target = path.as_ref().map_or("/", PathAndQuery::as_str);
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let head =
+            h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body).freeze();
+        let method = parts.method.clone();
+        // The request's headers and URI share the client connection's read
+        // buffer; dropping them now lets hyper reuse that buffer for the next
+        // read instead of allocating a new one while this request is in flight.
+        drop(parts);
         let pool = &ep.0.pool;
         // A pooled connection the upstream closed meanwhile costs one more try.
         let mut fresh_only = false;
         loop {
-            let head = h1::encode_head(&parts.method, target, &parts.headers, &body).freeze();
-            let (io, reused) = match (!fresh_only).then(|| pool.checkout()).flatten() {
-                Some(io) => (io, true),
-                None => (self.connect(ep, connect_stage).await?, false),
+            let (conn, reused) = match (!fresh_only).then(|| pool.checkout()).flatten() {
+                Some(conn) => (conn, true),
+                None => (h1::Conn::new(self.connect(ep, connect_stage).await?), false),
             };
-            match h1::exchange(io, reused, head, body, &parts.method, pool.clone()).await {
+            match h1::exchange(conn, reused, head.clone(), body, &method, pool.clone()).await {
                 Ok(resp) => return Ok(resp.map(RespBody::H1)),
                 Err(h1::Error::Stale(msg, returned)) => {
                     tracing::debug!(endpoint = ep.label(), error = %msg, "pooled connection was closed; sending again on a new one");
@@ -344,8 +353,8 @@ impl Upstream {
         client: &Client<Connector, UpstreamBody>,
         ep: &EndpointLoad,
         mut req: Request<UpstreamBody>,
-        path: Option<PathAndQuery>,
     ) -> Result<Response<RespBody>, UpstreamError> {
+        let path = req.uri().path_and_query().cloned();
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(if self.config.tls.is_some() {
             Scheme::HTTPS

@@ -18,6 +18,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -34,7 +35,7 @@ use tracing::Instrument;
 use super::tls::{Alpn, TlsListener};
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::{self, ConnInfo, Shared};
-use crate::shutdown::{Phase, Tracker};
+use crate::shutdown::{Phase, PhaseWaker, Tracker};
 
 /// Runs one listener until the drain reaches `Stopping`.
 ///
@@ -370,36 +371,41 @@ impl Watch {
         E: std::fmt::Display,
     {
         tokio::pin!(conn);
-        let stop = self.shared.shutdown.reached(Phase::Stopping);
-        tokio::pin!(stop);
-        // The drain timeout expired: whatever is still open is closed now
-        // (dropping the connection cancels its requests and frees their permits).
-        let stopped = self.shared.shutdown.reached(Phase::Stopped);
-        tokio::pin!(stopped);
         let idle = idle_watch(self.activity, self.idle);
         tokio::pin!(idle);
+        let shutdown = &self.shared.shutdown;
+        let mut registered: Option<PhaseWaker> = None;
         let mut closing = false;
-        loop {
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "client connection ended with an error");
-                    }
-                    break;
-                }
-                _ = &mut stop, if !closing => {
-                    closing = true;
-                    graceful(conn.as_mut());
-                }
-                _ = &mut idle, if !closing => {
-                    closing = true;
-                    graceful(conn.as_mut());
-                }
-                _ = &mut stopped => {
-                    tracing::debug!("drain timeout: closing a connection still in use");
-                    break;
-                }
+        let res = std::future::poll_fn(|cx| {
+            // The drain is read from an atomic on every poll; the registered
+            // waker makes sure a phase change gets this task polled.
+            if registered.is_none() {
+                registered = Some(shutdown.register(cx.waker()));
             }
+            let phase = shutdown.phase();
+            if phase >= Phase::Stopped {
+                // The drain timeout expired: whatever is still open is closed now
+                // (dropping the connection cancels its requests and frees their permits).
+                tracing::debug!("drain timeout: closing a connection still in use");
+                return Poll::Ready(Ok(()));
+            }
+            if !closing && phase >= Phase::Stopping {
+                closing = true;
+                graceful(conn.as_mut());
+            }
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(res);
+            }
+            if !closing && idle.as_mut().poll(cx).is_ready() {
+                closing = true;
+                graceful(conn.as_mut());
+                return conn.as_mut().poll(cx);
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "client connection ended with an error");
         }
     }
 }
