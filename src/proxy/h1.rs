@@ -51,8 +51,10 @@ const MAX_HEADERS: usize = 128;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Largest trailer section.
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Read buffer growth per refill.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer size at first; it doubles (up to [`MAX_READ`]) while reads
+/// fill it, so large bodies move in large reads.
+const READ_CHUNK: usize = 8 * 1024;
+const MAX_READ: usize = 64 * 1024;
 /// Request bodies up to this size are written together with the head.
 const COALESCE: usize = 16 * 1024;
 
@@ -90,8 +92,9 @@ impl Conn {
     }
 }
 
-/// A pooled connection keeps a read buffer up to this size.
-const KEEP_BUFFER: usize = 64 * 1024;
+/// A pooled connection keeps a read buffer up to this size (idle memory
+/// stays at most this much per pooled connection).
+const KEEP_BUFFER: usize = READ_CHUNK;
 
 impl Pool {
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Self {
@@ -471,15 +474,27 @@ struct Wire {
     io: UpstreamIo,
     buf: BytesMut,
     pool: Arc<Pool>,
+    /// How much to make room for when the buffer runs out.
+    next_read: usize,
 }
 
 impl Wire {
     /// Reads more into the buffer; `Ready(Ok(0))` is the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_CHUNK);
+        let spare = self.buf.capacity() - self.buf.len();
+        if spare < 1024 {
+            self.buf.reserve(self.next_read);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        let spare = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == spare && self.next_read < MAX_READ {
+            self.next_read *= 2;
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -487,14 +502,14 @@ impl Wire {
 /// response body is returned unread, as an [`H1Body`] that owns the
 /// connection. `reused` says whether `io` came from the pool, which makes a
 /// connection found closed before any response byte a [`Error::Stale`].
-pub(crate) async fn exchange(
+pub(crate) fn exchange(
     conn: Conn,
     reused: bool,
     head: Bytes,
     body: UpstreamBody,
     method: &Method,
     pool: Arc<Pool>,
-) -> Result<Response<H1Body>, Error> {
+) -> ExchangeFuture {
     let chunked = framing(&body) == Framing::Chunked;
     let mut queue = WriteQueue::default();
     queue.push_back(head);
@@ -512,33 +527,55 @@ pub(crate) async fn exchange(
         }
         other => other,
     };
-    let mut ex = Exchange {
-        wire: Some(Wire {
-            io: conn.io,
-            buf: conn.buf,
-            pool,
-        }),
-        sender: Sender {
-            body,
-            chunked,
-            queue,
-            ended,
-            unflushed: false,
-            broken: false,
-            touched: false,
+    ExchangeFuture {
+        ex: Exchange {
+            wire: Some(Wire {
+                io: conn.io,
+                buf: conn.buf,
+                pool,
+                next_read: READ_CHUNK,
+            }),
+            sender: Sender {
+                body,
+                chunked,
+                queue,
+                ended,
+                unflushed: false,
+                broken: false,
+                touched: false,
+            },
         },
-    };
-    let is_head = method == Method::HEAD;
-    let idempotent = super::retry::is_idempotent(method);
-    std::future::poll_fn(|cx| ex.poll_head(cx, is_head))
-        .await
-        .map_err(|e| match e {
+        reused,
+        is_head: method == Method::HEAD,
+        idempotent: super::retry::is_idempotent(method),
+    }
+}
+
+/// An exchange until its response head (a plain struct rather than an
+/// `async fn`, so the request future that holds it stays small).
+pub(crate) struct ExchangeFuture {
+    ex: Exchange,
+    reused: bool,
+    is_head: bool,
+    idempotent: bool,
+}
+
+impl std::future::Future for ExchangeFuture {
+    type Output = Result<Response<H1Body>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let err = match ready!(this.ex.poll_head(cx, this.is_head)) {
+            Ok(resp) => return Poll::Ready(Ok(resp)),
+            Err(e) => e,
+        };
+        Poll::Ready(Err(match err {
             HeadError::Closed(msg) => {
-                let s = &ex.sender;
+                let s = &this.ex.sender;
                 let replayable = !s.touched && !matches!(s.body, UpstreamBody::Stream(_));
                 let unsent = s.broken && !s.touched;
-                if reused && (idempotent || unsent) && replayable {
-                    let body = std::mem::replace(&mut ex.sender.body, UpstreamBody::Empty);
+                if this.reused && (this.idempotent || unsent) && replayable {
+                    let body = std::mem::replace(&mut this.ex.sender.body, UpstreamBody::Empty);
                     Error::Stale(msg, body)
                 } else {
                     Error::Reset(msg)
@@ -546,7 +583,8 @@ pub(crate) async fn exchange(
             }
             HeadError::Reset(msg) => Error::Reset(msg),
             HeadError::Body(e) => Error::Body(e),
-        })
+        }))
+    }
 }
 
 enum HeadError {

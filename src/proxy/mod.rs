@@ -214,14 +214,15 @@ async fn forward(
     let mut body = if body.is_end_stream() {
         UpstreamBody::Replay(None)
     } else if retries_on && declared.is_some_and(|n| n <= cfg.retries.max_buffered_body.0) {
-        match read_body(
+        // Boxed: a rare path whose future would otherwise enlarge every request's.
+        match Box::pin(read_body(
             RequestBody::new(
                 body,
                 cfg.max_request_body.0,
                 cfg.timeouts.response_body_idle.0,
             ),
             deadline,
-        )
+        ))
         .await
         {
             Ok(b) => UpstreamBody::Replay(Some(b)),
@@ -442,7 +443,7 @@ async fn forward(
         state.count_retry(cause.label());
         tracing::debug!(route = %state.name, request_id = ?fwd.request_id().or(parts.headers.get(&headers::X_REQUEST_ID)), cause = cause.label(), ?delay, "retrying");
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            Box::pin(tokio::time::sleep(delay)).await;
         }
     }
 }

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -74,6 +75,16 @@ pub(crate) struct Endpoint {
     pool: Arc<h1::Pool>,
     in_flight: AtomicUsize,
     outcomes: LazyCounters<8>,
+}
+
+/// A request made ready for the wire by [`Upstream::send`].
+enum Prepared {
+    H1 {
+        head: Bytes,
+        method: Method,
+        body: UpstreamBody,
+    },
+    H2(Box<Request<UpstreamBody>>),
 }
 
 /// Held while an attempt (and then its response body) is using an endpoint.
@@ -250,52 +261,75 @@ impl Upstream {
 
     /// Sends one attempt to `ep`: the request's path and query go to the
     /// endpoint, whatever authority the client named.
-    pub(crate) async fn send(
-        &self,
-        ep: &EndpointLoad,
+    ///
+    /// Not an `async fn`: the request is turned into what the wire needs
+    /// (an encoded head for HTTP/1.1) before the future is made, so the
+    /// future does not carry the request's parts for its whole life (it is
+    /// held per client connection).
+    pub(crate) fn send<'a>(
+        &'a self,
+        ep: &'a EndpointLoad,
         mut req: Request<UpstreamBody>,
         fwd: &Forwarded,
-        connect_stage: &Histogram,
-    ) -> Result<Response<RespBody>, UpstreamError> {
-        let result = match &self.client {
-            Some(client) => {
+        connect_stage: &'a Histogram,
+    ) -> impl std::future::Future<Output = Result<Response<RespBody>, UpstreamError>> + Send + 'a
+    {
+        let prepared = match &self.client {
+            Some(_) => {
                 fwd.apply(req.headers_mut());
-                // hyper-util's pool connects out of sight: the connector finds the
-                // route's histogram in a task-local.
-                let call = self.send_h2(client, ep, req);
-                CONNECT_STAGE.scope(connect_stage.clone(), call).await
+                Prepared::H2(Box::new(req))
             }
-            None => self.send_h1(ep, req, fwd, connect_stage).await,
+            None => {
+                let (parts, body) = req.into_parts();
+                let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+                let head = h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
+                    .freeze();
+                // The request's headers and URI share the client connection's
+                // read buffer; dropping them here lets hyper reuse that buffer
+                // for its next read instead of allocating a new one while this
+                // request is in flight.
+                Prepared::H1 {
+                    head,
+                    method: parts.method,
+                    body,
+                }
+            }
         };
-        match &result {
-            Ok(resp) => {
-                let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-                self.count(ep, class);
+        async move {
+            let result = match (prepared, &self.client) {
+                (Prepared::H1 { head, method, body }, _) => {
+                    self.send_h1(ep, head, method, body, connect_stage).await
+                }
+                (Prepared::H2(req), Some(client)) => {
+                    // hyper-util's pool connects out of sight: the connector finds
+                    // the route's histogram in a task-local.
+                    let call = self.send_h2(client, ep, *req);
+                    CONNECT_STAGE.scope(connect_stage.clone(), call).await
+                }
+                (Prepared::H2(_), None) => Err(UpstreamError::Connect("no HTTP/2 client".into())),
+            };
+            match &result {
+                Ok(resp) => {
+                    let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
+                    self.count(ep, class);
+                }
+                Err(UpstreamError::Connect(_)) => self.count(ep, OUTCOME_CONNECT),
+                Err(UpstreamError::Reset(_)) => self.count(ep, OUTCOME_RESET),
+                Err(_) => {}
             }
-            Err(UpstreamError::Connect(_)) => self.count(ep, OUTCOME_CONNECT),
-            Err(UpstreamError::Reset(_)) => self.count(ep, OUTCOME_RESET),
-            Err(_) => {}
+            result
         }
-        result
     }
 
     /// HTTP/1.1: a pooled connection (or a new one), driven in this task.
     async fn send_h1(
         &self,
         ep: &EndpointLoad,
-        req: Request<UpstreamBody>,
-        fwd: &Forwarded,
+        head: Bytes,
+        method: Method,
+        mut body: UpstreamBody,
         connect_stage: &Histogram,
     ) -> Result<Response<RespBody>, UpstreamError> {
-        let (parts, mut body) = req.into_parts();
-        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let head =
-            h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body).freeze();
-        let method = parts.method.clone();
-        // The request's headers and URI share the client connection's read
-        // buffer; dropping them now lets hyper reuse that buffer for the next
-        // read instead of allocating a new one while this request is in flight.
-        drop(parts);
         let pool = &ep.0.pool;
         // A pooled connection the upstream closed meanwhile costs one more try.
         let mut fresh_only = false;

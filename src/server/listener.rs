@@ -142,7 +142,9 @@ async fn accept_loop(
                 conn.run(TokioIo::new(stream), info, Alpn::None, None).await;
                 return;
             };
-            let accepted = tls.accept(stream).await;
+            // Boxed: the handshake state is several KiB, and plain connections
+            // (and TLS ones once handshaken) should not carry its size all their life.
+            let accepted = Box::pin(tls.accept(stream)).await;
             drop(handshake);
             match accepted {
                 Ok(a) => {
@@ -151,8 +153,8 @@ async fn accept_loop(
                         (Some(h), Some(v)) => Some((h.clone(), v)),
                         _ => None,
                     };
-                    conn.run(TokioIo::new(a.stream), info, a.alpn, identity)
-                        .await;
+                    // Boxed for the same reason: a TLS stream is large.
+                    Box::pin(conn.run(TokioIo::new(a.stream), info, a.alpn, identity)).await;
                 }
                 Err(e) => {
                     tracing::debug!(listener = %name, %remote, error = %e, "TLS handshake did not complete")
@@ -346,7 +348,9 @@ impl Connection {
             }
             Proto::Http2 => {
                 let conn = b.h2.serve_connection(io, svc);
-                watch.drive(conn, |c| c.graceful_shutdown()).await
+                // Boxed: an HTTP/2 connection's state is large and only h2
+                // connections should pay for it.
+                Box::pin(watch.drive(conn, |c| c.graceful_shutdown())).await
             }
         }
         self.gauge.dec();
