@@ -1484,6 +1484,63 @@ async fn upstream_responses_pass_untouched() {
     .await
 }
 
+/// Bodiless responses (204, 304 with a Content-Length, HEAD) and a chunked
+/// one leave the pooled connection in a clean state for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_and_chunked_responses_keep_the_upstream_connection_reusable() {
+    within(60, "test", async {
+        let fake = FakeUpstream::with_handler(|req, ctx| {
+            let path = req.uri().path().to_string();
+            let ctx = ctx.clone();
+            async move {
+                Ok(match path.as_str() {
+                    "/204" => reply::status_body(204, ""),
+                    "/304" => {
+                        let mut r = reply::status_body(304, "");
+                        r.headers_mut()
+                            .insert("content-length", http::HeaderValue::from_static("10"));
+                        r
+                    }
+                    "/chunked" => reply::chunks(
+                        &ctx,
+                        vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")],
+                        Duration::ZERO,
+                    ),
+                    _ => reply::status_body(200, "hello"),
+                })
+            }
+        })
+        .await;
+        let h = ProxyHarness::start(&basic_yaml(fake.addr())).await;
+        for round in 0..3 {
+            for (path, status, body) in [
+                ("/204", 204, &b""[..]),
+                ("/304", 304, b""),
+                ("/chunked", 200, b"abcd"),
+                ("/plain", 200, b"hello"),
+            ] {
+                let resp = h.get(path).await;
+                assert_eq!(resp.status().as_u16(), status, "round {round} {path}");
+                assert_eq!(&collect_body(resp.into_body()).await[..], body, "{path}");
+            }
+            let req = Request::head(h.url("/plain")).body(empty()).unwrap();
+            let resp = h.send(req).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(
+                collect_body(resp.into_body()).await.is_empty(),
+                "HEAD has no body"
+            );
+        }
+        assert_eq!(fake.hits(), 15);
+        assert!(
+            fake.connections() <= 2,
+            "15 sequential requests opened {} upstream connections",
+            fake.connections()
+        );
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_pooled() {
     within(60, "test", async {

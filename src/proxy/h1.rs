@@ -55,8 +55,6 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// fill it, so large bodies move in large reads.
 const READ_CHUNK: usize = 8 * 1024;
 const MAX_READ: usize = 64 * 1024;
-/// Request bodies up to this size are written together with the head.
-const COALESCE: usize = 16 * 1024;
 
 // === Pool ===
 
@@ -515,8 +513,9 @@ pub(crate) fn exchange(
     queue.push_back(head);
     let mut ended = false;
     let body = match body {
-        UpstreamBody::Replay(Some(b)) if b.len() <= COALESCE => {
-            // Written with the head; kept for a replay on a fresh connection.
+        UpstreamBody::Replay(Some(b)) => {
+            // Written with the head (one vectored write; the bytes are shared,
+            // not copied) and kept whole for a replay on a fresh connection.
             queue.push_back(b.clone());
             ended = true;
             UpstreamBody::Replay(Some(b))
@@ -1510,6 +1509,27 @@ mod tests {
         }
         let (_, body, _) = get(addr, &pool, "/").await.unwrap();
         assert_eq!(body, b"b");
+    }
+
+    #[tokio::test]
+    async fn a_stale_connection_hands_back_the_whole_replayable_body() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        // The upstream closes the connection without answering.
+        drop(l.accept().await.unwrap().0);
+        let pool = Arc::new(Pool::new(8, Duration::from_secs(60)));
+        let body = Bytes::from(vec![b'x'; 20 * 1024]);
+        let replay = UpstreamBody::Replay(Some(body.clone()));
+        let head = encode_head(&Method::PUT, "/", &HeaderMap::new(), None, &replay).freeze();
+        let conn = Conn::new(UpstreamIo::Plain(client));
+        match exchange(conn, true, head, replay, &Method::PUT, pool).await {
+            Err(Error::Stale(_, UpstreamBody::Replay(Some(back)))) => assert_eq!(back, body),
+            Err(Error::Stale(..)) => panic!("the body must come back whole"),
+            Err(Error::Reset(m)) => panic!("reset instead of stale: {m}"),
+            Err(Error::Body(e)) => panic!("body error: {e}"),
+            Ok(_) => panic!("no response was sent"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
