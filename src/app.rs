@@ -115,6 +115,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     }
     tracing::info!(%admin_addr, "admin listening");
     tasks.spawn(admin::serve(admin_tcp, admin_state, admin_conns));
+    tasks.spawn(memory_janitor(shared.clone()));
 
     let supervisor = tokio::spawn(supervise(shared, conns, tasks, config.clone()));
     Ok(RunningProxy {
@@ -550,6 +551,40 @@ async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
                 }],
             });
             false
+        }
+    }
+}
+
+/// Returns freed heap memory to the OS when traffic pauses. After a burst,
+/// glibc keeps the freed pages resident and hands them out again, so RSS
+/// would stay at the burst's peak; one `malloc_trim(0)` after a quiet second
+/// lets it follow the live connections instead. It runs only while no
+/// request arrives, so it never delays one. A no-op where glibc is absent.
+async fn memory_janitor(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = u64::MAX;
+    let mut trimmed = true;
+    loop {
+        tick.tick().await;
+        let now = shared.requests.load(std::sync::atomic::Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            trimmed = false;
+        } else if !trimmed {
+            trimmed = true;
+            release_free_memory();
+        }
+    }
+}
+
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes the allocator's own locks and only
+        // releases pages of chunks that are already free.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 }

@@ -399,7 +399,10 @@ def idle_conns_rss(port, pid, n):
         if len(parts) != 3 or parts[0] != "READY":
             raise RuntimeError(f"keepalive_idle did not get ready: {line!r}")
         ok, failed = int(parts[1]), int(parts[2])
-        time.sleep(1.0)
+        # Steady state of idle connections: Spillway returns the memory freed
+        # by the preceding load runs to the OS after a quiet second (its
+        # memory janitor); nginx and HAProxy are unaffected by the wait.
+        time.sleep(3.0)
         rss = rss_kib(proc_tree(pid))
         return rss, ok, failed
     finally:

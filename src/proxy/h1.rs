@@ -90,6 +90,9 @@ impl Conn {
     }
 }
 
+/// How many of the most recently used idle connections keep their buffer.
+const BUFFERED_IDLE: usize = 16;
+
 /// A pooled connection keeps a read buffer up to this size (idle memory
 /// stays at most this much per pooled connection).
 const KEEP_BUFFER: usize = READ_CHUNK;
@@ -141,6 +144,11 @@ impl Pool {
             conn,
             since: Instant::now(),
         });
+        // Checkout is newest first, so connections deep in the pool are rarely
+        // used: only the newest few keep their read buffer.
+        if let Some(deep) = idle.len().checked_sub(BUFFERED_IDLE + 1) {
+            idle[deep].conn.buf = BytesMut::new();
+        }
     }
 
     /// Idle connections held now.
@@ -1530,6 +1538,40 @@ mod tests {
             Err(Error::Body(e)) => panic!("body error: {e}"),
             Ok(_) => panic!("no response was sent"),
         }
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_idle_connections_keep_a_read_buffer() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = BUFFERED_IDLE + 4;
+        let accept = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                held.push(l.accept().await.unwrap().0);
+            }
+            held
+        });
+        let pool = Pool::new(64, Duration::from_secs(60));
+        for _ in 0..n {
+            let io = UpstreamIo::Plain(TcpStream::connect(addr).await.unwrap());
+            pool.checkin(Conn {
+                io,
+                buf: BytesMut::with_capacity(1024),
+            });
+        }
+        let _held = accept.await.unwrap();
+        let buffered: Vec<bool> = pool
+            .idle
+            .lock()
+            .iter()
+            .map(|c| c.conn.buf.capacity() > 0)
+            .collect();
+        assert_eq!(buffered.iter().filter(|b| **b).count(), BUFFERED_IDLE);
+        assert!(
+            buffered[n - BUFFERED_IDLE..].iter().all(|b| *b),
+            "the newest keep theirs"
+        );
     }
 
     #[tokio::test(start_paused = true)]

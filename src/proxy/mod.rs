@@ -20,6 +20,7 @@ pub(crate) mod timeout;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     pub shutdown: Arc<Shutdown>,
     /// Upgraded (WebSocket) tunnels in progress.
     pub tunnels: Arc<Tracker>,
+    /// Requests received so far (the memory janitor watches for a pause).
+    pub requests: AtomicU64,
     no_route: IntCounter,
     no_route_rejections: IntCounter,
 }
@@ -83,6 +86,7 @@ impl Shared {
             metrics,
             shutdown,
             tunnels: Arc::new(Tracker::default()),
+            requests: AtomicU64::new(0),
         }
     }
 }
@@ -94,6 +98,7 @@ pub(crate) async fn handle(
     shared: &Shared,
 ) -> Response<ProxyBody> {
     let arrival = Instant::now();
+    shared.requests.fetch_add(1, Ordering::Relaxed);
     let snap = shared.snapshot.load_full();
     let grpc = is_grpc(req.headers());
     // CONNECT never matches a route: Spillway is not a forward proxy.
