@@ -60,6 +60,8 @@ struct Core {
     generation: AtomicU64,
     /// Serializes reloads (build + swap) so generations stay ordered.
     reload_lock: Mutex<()>,
+    /// Generations replaced by a reload, freed by the reload thread.
+    retired: Mutex<Vec<Arc<crate::registry::Snapshot>>>,
 }
 
 /// Binds everything and starts serving on the current tokio runtime.
@@ -102,6 +104,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         admin: admin_state.clone(),
         generation: AtomicU64::new(1),
         reload_lock: Mutex::new(()),
+        retired: Mutex::new(Vec::new()),
     });
 
     let conns = Arc::new(Tracker::default());
@@ -290,6 +293,7 @@ impl Core {
                 );
                 self.shared.snapshot.store(Arc::new(snap));
                 self.generation.store(gen, Ordering::Release);
+                self.retired.lock().push(old);
                 metrics.config_generation.set(gen as i64);
                 metrics
                     .config_reloads_total
@@ -324,6 +328,23 @@ impl Core {
                 Err(ReloadError::Build(e))
             }
         }
+    }
+}
+
+/// Drops a replaced generation on the calling (reload) thread once the
+/// requests still using it are done, rather than on the event loop in
+/// whichever request finishes last: freeing 50 routes' routers and state is
+/// work that would otherwise stall that request's connection. Waits at most
+/// a second (a longer request keeps it and frees it itself).
+fn retire(old: Arc<crate::registry::Snapshot>) {
+    let mut old = old;
+    // 200 x 5 ms: about a second.
+    for _ in 0..200 {
+        match Arc::try_unwrap(old) {
+            Ok(snap) => return drop(snap),
+            Err(still_used) => old = still_used,
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -522,6 +543,12 @@ async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
             lower_thread_priority();
             // The receiver only goes away if the caller was cancelled.
             let _ = tx.send(core.reload_file(&file, trigger));
+            // After answering and outside the reload lock: free the replaced
+            // generation here rather than on the event loop.
+            let retired = std::mem::take(&mut *core.retired.lock());
+            for old in retired {
+                retire(old);
+            }
         });
     let done = match spawned {
         // Owned: the thread ends right after sending, and we await that.
@@ -591,6 +618,9 @@ fn release_free_memory() {
 
 /// Lowers the calling thread to nice 19 (Linux: priorities are per thread).
 /// Failure is harmless: the reload just runs at normal priority.
+/// (SCHED_IDLE was measured too: it halves the p99 cost of reloading every
+/// 100 ms under a saturating load, but then reloads wait for idle CPU, and a
+/// sidecar at 100% CPU is exactly when an operator changes its limits.)
 fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     {
