@@ -131,6 +131,10 @@ async fn sim_handle(
     }
     let now = st.current.fetch_add(1, Ordering::Relaxed) + 1;
     st.peak.fetch_max(now, Ordering::Relaxed);
+    // Counted out when the handler ends, also when hyper drops it because the
+    // client (the proxy) closed the connection: a cancelled request must not
+    // stay counted as outstanding.
+    let _outstanding = Outstanding(st.clone());
     // Drain the request body (bounded by the proxy's max_request_body).
     let _ = req.into_body().collect().await;
     let fail = st.failing.load(Ordering::Relaxed)
@@ -156,9 +160,17 @@ async fn sim_handle(
             r
         }
     };
-    st.current.fetch_sub(1, Ordering::Relaxed);
     st.served.fetch_add(1, Ordering::Relaxed);
     Ok(resp)
+}
+
+/// One request in the simulated upstream's `current` count.
+struct Outstanding(Arc<SimStats>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.current.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// `spillway upstream`: serve until SIGTERM/SIGINT.
