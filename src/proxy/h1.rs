@@ -923,6 +923,18 @@ enum Step {
     Invalid(String),
 }
 
+/// Where `delim` starts within the first `limit` bytes of `buf`; else more
+/// bytes are needed, or (with `limit` bytes already there) the upstream sent
+/// something too long.
+fn find_within(buf: &[u8], delim: &[u8], limit: usize, too_long: &str) -> Result<usize, Step> {
+    let window = &buf[..buf.len().min(limit)];
+    match window.windows(delim.len()).position(|w| w == delim) {
+        Some(i) => Ok(i),
+        None if buf.len() >= limit => Err(Step::Invalid(format!("upstream {too_long}"))),
+        None => Err(Step::NeedMore),
+    }
+}
+
 fn decode_step(decode: Decode, buf: &mut BytesMut) -> Step {
     match decode {
         Decode::Length(0) => Step::End(None),
@@ -942,13 +954,9 @@ fn decode_step(decode: Decode, buf: &mut BytesMut) -> Step {
             Step::Data(buf.split().freeze(), Some(Decode::Eof))
         }
         Decode::Chunked(Chunk::Size) => {
-            let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
-            let Some(eol) = window.windows(2).position(|w| w == b"\r\n") else {
-                return if buf.len() >= MAX_CHUNK_LINE {
-                    Step::Invalid("upstream chunk-size line too long".into())
-                } else {
-                    Step::NeedMore
-                };
+            let eol = match find_within(buf, b"\r\n", MAX_CHUNK_LINE, "chunk-size line too long") {
+                Ok(i) => i,
+                Err(step) => return step,
             };
             let line = &buf[..eol];
             let digits = line
@@ -1005,13 +1013,10 @@ fn decode_step(decode: Decode, buf: &mut BytesMut) -> Step {
                 buf.advance(2);
                 return Step::End(None);
             }
-            let window = &buf[..buf.len().min(MAX_TRAILERS)];
-            let Some(end) = window.windows(4).position(|w| w == b"\r\n\r\n") else {
-                return if buf.len() >= MAX_TRAILERS {
-                    Step::Invalid("upstream trailer section too large".into())
-                } else {
-                    Step::NeedMore
-                };
+            let end = match find_within(buf, b"\r\n\r\n", MAX_TRAILERS, "trailer section too large")
+            {
+                Ok(i) => i,
+                Err(step) => return step,
             };
             let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let parsed = match httparse::parse_headers(&buf[..end + 4], &mut raw) {
