@@ -351,27 +351,26 @@ fn retire(old: Arc<crate::registry::Snapshot>) {
 /// Fields of `new` that differ from what runs and only apply at start, as
 /// field paths (`listeners[0].bind`, `admin.bind`, `runtime.worker_threads`).
 fn restart_required(running: &Config, new: &Config) -> Vec<String> {
+    // Typed comparison first; only a section that differs is serialized to
+    // name its fields (a reload of a big file pays nothing here).
+    fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+        serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+    }
     let mut out = Vec::new();
-    let (a, b) = (running.to_json(), new.to_json());
     if running.listeners.len() != new.listeners.len() {
         out.push("listeners".to_string());
     } else {
         for (i, (x, y)) in running.listeners.iter().zip(&new.listeners).enumerate() {
             if x != y {
-                fields_differing(
-                    &format!("listeners[{i}]"),
-                    &a["listeners"][i],
-                    &b["listeners"][i],
-                    &mut out,
-                );
+                fields_differing(&format!("listeners[{i}]"), &json(x), &json(y), &mut out);
             }
         }
     }
     if running.admin != new.admin {
-        fields_differing("admin", &a["admin"], &b["admin"], &mut out);
+        fields_differing("admin", &json(&running.admin), &json(&new.admin), &mut out);
     }
     if running.runtime != new.runtime {
-        fields_differing("runtime", &a["runtime"], &b["runtime"], &mut out);
+        fields_differing("runtime", &json(&running.runtime), &json(&new.runtime), &mut out);
     }
     out
 }

@@ -234,9 +234,7 @@ fn diff(previous: Option<&Snapshot>, routes: &[Route], upstreams: &[Arc<Upstream
         match prev.routes.iter().find(|p| p.config.name == r.config.name) {
             None => d.added.push(r.config.name.clone()),
             Some(p) => {
-                let a = serde_json::to_string(&p.config).unwrap_or_default();
-                let b = serde_json::to_string(&r.config).unwrap_or_default();
-                if a != b {
+                if p.config != r.config {
                     d.changed.push(r.config.name.clone());
                 }
             }

@@ -163,7 +163,7 @@ pub struct FailureOn {
     pub status_5xx: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RouteConfig {
     pub name: String,
     #[serde(rename = "match")]
@@ -178,7 +178,7 @@ pub struct RouteConfig {
     pub max_request_body: Size,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct MatchConfig {
     pub path: PathMatch,
     #[serde(serialize_with = "ser_methods")]
@@ -194,7 +194,31 @@ pub enum PathMatch {
     Any,
     Prefix(String),
     Exact(String),
-    Regex(String),
+    Regex(PathRegex),
+}
+
+/// A `path_regex` as written, with its compiled form anchored to the whole
+/// path (`^(?:...)$`, as Envoy's `safe_regex`). Compiled once by validation;
+/// the router shares it, and a reload reuses it while the pattern stays.
+/// Equality and serialization use the source.
+#[derive(Clone, Debug)]
+pub struct PathRegex {
+    pub source: String,
+    pub anchored: regex::Regex,
+}
+
+impl PartialEq for PathRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for PathRegex {}
+
+impl Serialize for PathRegex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -261,7 +285,7 @@ pub struct ShedConfig {
     pub retry_after: Dur,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct FallbackConfig {
     pub status: u16,
     #[serde(serialize_with = "ser_headers")]

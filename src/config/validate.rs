@@ -1,7 +1,8 @@
 //! Raw -> typed config. Collects every problem before giving up, each with the
 //! field path and the line and column it is written at.
 
-use std::collections::HashSet;
+use std::cell::OnceCell;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,11 +35,66 @@ const RESERVED_HEADERS: &[&str] = &[
 ];
 
 /// Parse and validate; the single path shared by `check`, `run` and reload.
+/// Compiled `path_regex`es by source, kept from one load to the next so a
+/// reload compiles only patterns it has not seen (compiling is most of the
+/// cost of a regex-heavy file). Bounded: entries not used by the latest
+/// successful load are dropped ([`keep_regexes`]).
+const MAX_CACHED_REGEXES: usize = 4096;
+static REGEXES: parking_lot::Mutex<Option<HashMap<String, regex::Regex>>> =
+    parking_lot::const_mutex(None);
+
+/// Checks a pattern as written, then compiles it anchored to the whole path.
+fn compile_path_regex(source: &str) -> Result<regex::Regex, String> {
+    if let Some(re) = REGEXES.lock().as_ref().and_then(|m| m.get(source)) {
+        return Ok(re.clone());
+    }
+    let build = |pattern: &str| {
+        regex::RegexBuilder::new(pattern)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| {
+                e.to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("invalid")
+                    .trim()
+                    .to_string()
+            })
+    };
+    // The pattern alone must compile: wrapping could otherwise make a
+    // fragment like `a)|(b` valid.
+    build(source)?;
+    let anchored = build(&format!("^(?:{source})$"))?;
+    let mut cache = REGEXES.lock();
+    let map = cache.get_or_insert_with(HashMap::new);
+    // Failed loads add entries that only the next good one prunes: a bound.
+    if map.len() >= MAX_CACHED_REGEXES {
+        map.clear();
+    }
+    map.insert(source.to_string(), anchored.clone());
+    Ok(anchored)
+}
+
+/// Keeps exactly the regexes of the config that loaded.
+fn keep_regexes(config: &Config) {
+    let used: HashSet<&str> = config
+        .routes
+        .iter()
+        .filter_map(|r| match &r.matcher.path {
+            PathMatch::Regex(x) => Some(x.source.as_str()),
+            _ => None,
+        })
+        .collect();
+    if let Some(map) = REGEXES.lock().as_mut() {
+        map.retain(|source, _| used.contains(source.as_str()));
+    }
+}
+
 pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
-    let locs = Locations::build(text);
     let mut v = Validator {
         file: file.to_string(),
-        locs: &locs,
+        text,
+        locs: OnceCell::new(),
         issues: Vec::new(),
         warnings: Vec::new(),
     };
@@ -58,24 +114,35 @@ pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
     };
     let config = v.config(&raw, text);
     match config {
-        Some(config) if v.issues.is_empty() => Ok(Loaded {
-            config,
-            warnings: v.warnings,
-        }),
+        Some(config) if v.issues.is_empty() => {
+            keep_regexes(&config);
+            Ok(Loaded {
+                config,
+                warnings: v.warnings,
+            })
+        }
         _ => Err(v.into_error()),
     }
 }
 
 struct Validator<'a> {
     file: String,
-    locs: &'a Locations,
+    text: &'a str,
+    /// Paths -> positions: a second walk over the YAML, paid only when an
+    /// issue or warning needs a position (a valid file, i.e. nearly every
+    /// reload, never builds it).
+    locs: OnceCell<Locations>,
     issues: Vec<ConfigIssue>,
     warnings: Vec<ConfigIssue>,
 }
 
 impl Validator<'_> {
+    fn locs(&self) -> &Locations {
+        self.locs.get_or_init(|| Locations::build(self.text))
+    }
+
     fn issue(&self, path: &str, message: String) -> ConfigIssue {
-        let pos = self.locs.value(path);
+        let pos = self.locs().value(path);
         ConfigIssue {
             file: self.file.clone(),
             line: pos.map(|p| p.line),
@@ -112,7 +179,7 @@ impl Validator<'_> {
             _ => (None, None),
         };
         let path = match (line, column) {
-            (Some(l), Some(c)) => self.locs.path_at(l, c).unwrap_or("").to_string(),
+            (Some(l), Some(c)) => self.locs().path_at(l, c).unwrap_or("").to_string(),
             _ => String::new(),
         };
         let message = match e.without_snippet() {
@@ -781,20 +848,19 @@ impl Validator<'_> {
             }
             PathMatch::Exact(exact.clone())
         } else if let Some(re) = &m.path_regex {
-            if let Err(e) = regex::RegexBuilder::new(re).size_limit(1 << 20).build() {
-                let msg = e
-                    .to_string()
-                    .lines()
-                    .last()
-                    .unwrap_or("invalid")
-                    .trim()
-                    .to_string();
-                self.error(
-                    &format!("{p}.path_regex"),
-                    format!("regex does not compile: {msg}"),
-                );
+            match compile_path_regex(re) {
+                Ok(anchored) => PathMatch::Regex(PathRegex {
+                    source: re.clone(),
+                    anchored,
+                }),
+                Err(msg) => {
+                    self.error(
+                        &format!("{p}.path_regex"),
+                        format!("regex does not compile: {msg}"),
+                    );
+                    PathMatch::Any
+                }
             }
-            PathMatch::Regex(re.clone())
         } else {
             PathMatch::Any
         };
@@ -1244,5 +1310,18 @@ mod tests {
             Some("max_in_flight")
         );
         assert_eq!(did_you_mean("zzz", ["max_in_flight"].into_iter()), None);
+    }
+
+    #[test]
+    fn path_regex_is_checked_as_written_and_anchored() {
+        // Valid only once wrapped in `^(?:...)$`: must still be refused.
+        assert!(compile_path_regex("a)|(b").is_err());
+        let re = compile_path_regex("/items/[0-9]+").expect("compiles");
+        assert!(re.is_match("/items/42"));
+        assert!(!re.is_match("/x/items/42"));
+        assert!(!re.is_match("/items/42/more"));
+        // A second compile of the same source (the next reload) agrees.
+        let again = compile_path_regex("/items/[0-9]+").expect("compiles");
+        assert_eq!(again.as_str(), re.as_str());
     }
 }

@@ -36,8 +36,7 @@ enum HostMatch {
 // === impl Router ===
 
 impl Router {
-    /// Compiles every route; regexes were checked by validation, and one that
-    /// somehow fails here matches nothing rather than everything.
+    /// Builds the table; regexes come compiled from validation.
     pub fn new(routes: &[RouteConfig]) -> Self {
         Router {
             entries: routes.iter().map(|r| Compiled::new(&r.matcher)).collect(),
@@ -80,11 +79,8 @@ impl Compiled {
             PathMatch::Any => CompiledPath::Any,
             PathMatch::Prefix(p) => CompiledPath::Prefix(p.clone()),
             PathMatch::Exact(p) => CompiledPath::Exact(p.clone()),
-            PathMatch::Regex(r) => match Regex::new(&format!("^(?:{r})$")) {
-                Ok(re) => CompiledPath::Regex(re),
-                // Validation compiled it already; never widen a route on failure.
-                Err(_) => CompiledPath::Exact("\0never".into()),
-            },
+            // Compiled (anchored) by validation; a clone shares it.
+            PathMatch::Regex(r) => CompiledPath::Regex(r.anchored.clone()),
         };
         let host = m.host.as_ref().map(|h| match h.strip_prefix('*') {
             Some(suffix) => HostMatch::Suffix(suffix.to_string()),
