@@ -62,7 +62,17 @@ struct Core {
     reload_lock: Mutex<()>,
     /// Generations replaced by a reload, freed by the reload thread.
     retired: Mutex<Vec<Arc<crate::registry::Snapshot>>>,
+    /// Jobs for the reload thread, started on the first reload. The thread
+    /// holds only the receiver, so it ends when this core is dropped.
+    reloader: Mutex<Option<std::sync::mpsc::SyncSender<ReloadJob>>>,
 }
+
+/// Work for the reload thread.
+type ReloadJob = Box<dyn FnOnce() + Send>;
+
+/// Reload requests that may wait for the reload thread (SIGHUP, the file
+/// watcher and API callers each wait for their own, so a few at most).
+const RELOAD_QUEUE: usize = 16;
 
 /// Binds everything and starts serving on the current tokio runtime.
 pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
@@ -105,6 +115,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         generation: AtomicU64::new(1),
         reload_lock: Mutex::new(()),
         retired: Mutex::new(Vec::new()),
+        reloader: Mutex::new(None),
     });
 
     let conns = Arc::new(Tracker::default());
@@ -243,6 +254,38 @@ impl RunningProxy {
 }
 
 impl Core {
+    /// Runs `job` on the reload thread, starting it (again, if a job
+    /// panicked) when needed. One long-lived thread: spawning one per reload
+    /// cost the event loop a stack mmap and a clone(2) each time.
+    fn on_reload_thread(&self, job: ReloadJob) -> Result<(), String> {
+        use std::sync::mpsc::{sync_channel, TrySendError};
+        let mut slot = self.reloader.lock();
+        let job = match slot.as_ref() {
+            None => job,
+            Some(tx) => match tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(_)) => {
+                    return Err(format!("{RELOAD_QUEUE} reloads already waiting"))
+                }
+                Err(TrySendError::Disconnected(job)) => job,
+            },
+        };
+        let (tx, rx) = sync_channel::<ReloadJob>(RELOAD_QUEUE);
+        std::thread::Builder::new()
+            .name("spillway-reload".into())
+            .spawn(move || {
+                lower_thread_priority();
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .map_err(|e| format!("cannot start the reload thread: {e}"))?;
+        tx.try_send(job)
+            .map_err(|_| "the reload thread stopped at once".to_string())?;
+        *slot = Some(tx);
+        Ok(())
+    }
+
     fn reload(&self, config: Config) -> Result<u64, ReloadError> {
         let serial = self.reload_lock.lock();
         self.apply(&serial, config)
@@ -370,7 +413,12 @@ fn restart_required(running: &Config, new: &Config) -> Vec<String> {
         fields_differing("admin", &json(&running.admin), &json(&new.admin), &mut out);
     }
     if running.runtime != new.runtime {
-        fields_differing("runtime", &json(&running.runtime), &json(&new.runtime), &mut out);
+        fields_differing(
+            "runtime",
+            &json(&running.runtime),
+            &json(&new.runtime),
+            &mut out,
+        );
     }
     out
 }
@@ -527,32 +575,28 @@ pub async fn reload_file(proxy: &RunningProxy, path: &std::path::Path) -> bool {
 }
 
 /// The one reload path (SIGHUP, file watch, [`reload_file`]). The async
-/// worker only waits: file I/O, parsing, validation and the build of the new
-/// generation all run on a low-priority reload thread.
+/// worker only hands the job over and waits: file I/O, parsing, validation
+/// and the build of the new generation all run on the reload thread, at the
+/// lowest CPU priority with a short time slice, so on a sidecar's single
+/// core they yield to request work instead of delaying requests behind them.
 async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
     let core = proxy.core.clone();
     let file = path.to_path_buf();
-    // A dedicated thread at the lowest CPU priority: parsing and building a
-    // generation (~3 ms for 50 routes) then yields to request work on a
-    // sidecar's single core instead of delaying requests behind it.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("spillway-reload".into())
-        .spawn(move || {
-            lower_thread_priority();
-            // The receiver only goes away if the caller was cancelled.
-            let _ = tx.send(core.reload_file(&file, trigger));
-            // After answering and outside the reload lock: free the replaced
-            // generation here rather than on the event loop.
-            let retired = std::mem::take(&mut *core.retired.lock());
-            for old in retired {
-                retire(old);
-            }
-        });
-    let done = match spawned {
-        // Owned: the thread ends right after sending, and we await that.
-        Ok(_) => rx.await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let job: ReloadJob = Box::new(move || {
+        // The receiver only goes away if the caller was cancelled.
+        let _ = tx.send(core.reload_file(&file, trigger));
+        // After answering and outside the reload lock: free the replaced
+        // generation here rather than on the event loop.
+        let retired = std::mem::take(&mut *core.retired.lock());
+        for old in retired {
+            retire(old);
+        }
+    });
+    let done = match proxy.core.on_reload_thread(job) {
+        // A job that panicked drops its sender: an error here, not a hang.
+        Ok(()) => rx.await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
     };
     match done {
         Ok(Ok(Some(_))) => true,
@@ -615,14 +659,42 @@ fn release_free_memory() {
     }
 }
 
-/// Lowers the calling thread to nice 19 (Linux: priorities are per thread).
-/// Failure is harmless: the reload just runs at normal priority.
-/// (SCHED_IDLE was measured too: it halves the p99 cost of reloading every
-/// 100 ms under a saturating load, but then reloads wait for idle CPU, and a
+/// Lowers the calling thread to nice 19 (Linux: priorities are per thread)
+/// and asks for a 100 us time slice. The short slice matters as much as the
+/// nice value: EEVDF lets a running task finish its slice before a waking
+/// one preempts it (RUN_TO_PARITY), so with the default slice a reload that
+/// got the CPU could hold the request path off it for milliseconds. Linux
+/// >= 6.12 takes `sched_runtime` as the slice of a normal task; older
+/// kernels refuse it and get nice 19 alone. Failure is harmless: the reload
+/// just runs at normal priority.
+/// (SCHED_IDLE was measured too: reloads then wait for idle CPU, and a
 /// sidecar at 100% CPU is exactly when an operator changes its limits.)
 fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     {
+        let attr = libc::sched_attr {
+            size: std::mem::size_of::<libc::sched_attr>() as u32,
+            sched_policy: libc::SCHED_OTHER as u32,
+            sched_flags: 0,
+            sched_nice: 19,
+            sched_priority: 0,
+            sched_runtime: 100_000,
+            sched_deadline: 0,
+            sched_period: 0,
+        };
+        // SAFETY: sched_setattr reads `attr` (valid, sized by its `size`
+        // field) for the calling thread (pid 0) and touches no other memory.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_sched_setattr,
+                0,
+                &attr as *const libc::sched_attr,
+                0,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
         // SAFETY: setpriority only reads its integer arguments; `who = 0` is the
         // calling thread, so no other thread's state is touched.
         let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };

@@ -9,7 +9,9 @@
 # 2. Data-path cost, same proxy process: wrk -t1 -c$CONNS for DURATION s with
 #    no reloads vs. a reload every RELOAD_INTERVAL_MS (default 100 ms: the file
 #    is renamed over with a changed cap AND SIGHUP is sent, since the debounce
-#    alone would fold 100 ms changes into one reload), alternating over ROUNDS
+#    alone would fold 100 ms changes into one reload; the no-reload runs do the
+#    same driver work on an unwatched file with signal 0, so the generator's
+#    core is equally busy in both), alternating over ROUNDS
 #    rounds. req/s, p99 and Spillway's CPU time per request (utime+stime from
 #    /proc, robust to other load on the machine), medians over rounds; errors
 #    and non-2xx counted. Also Spillway's CPU time per reload.
@@ -59,6 +61,8 @@ TASKSET = shutil.which("taskset")
 
 WORK = tempfile.mkdtemp(prefix="spillway-reload-")
 CFG = os.path.join(WORK, "spillway.yaml")
+os.mkdir(os.path.join(WORK, "placebo"))
+PLACEBO = os.path.join(WORK, "placebo", "spillway.yaml")
 procs = []
 
 
@@ -245,22 +249,32 @@ def main():
             stop = threading.Event()
             g0 = generation()
 
-            def reloader():
+            def reloader(real):
+                # Both modes do the same work on the generator's core (write a
+                # file, signal the process), so only Spillway's side differs:
+                # "none" writes outside the watched directory and sends
+                # signal 0 (a permission check, nothing delivered).
                 i = 0
                 while not stop.wait(INTERVAL):
                     i += 1
-                    write_config(config(caps[i % 2], port, admin, up))
-                    os.kill(proxy.pid, signal.SIGHUP)
+                    text = config(caps[i % 2], port, admin, up)
+                    if real:
+                        write_config(text)
+                        os.kill(proxy.pid, signal.SIGHUP)
+                    else:
+                        with open(PLACEBO + ".tmp", "w") as f:
+                            f.write(text)
+                        os.rename(PLACEBO + ".tmp", PLACEBO)
+                        os.kill(proxy.pid, 0)
 
-            t = threading.Thread(target=reloader, daemon=True)
-            if mode == "reload":
-                t.start()
+            t = threading.Thread(target=reloader, args=(mode == "reload",), daemon=True)
+            t.start()
             c0 = cpu_s(proxy.pid)
             r = wrk(port)
             r["cpu_us_per_req"] = (cpu_s(proxy.pid) - c0) / r["requests"] * 1e6
             stop.set()
+            t.join()
             if mode == "reload":
-                t.join()
                 time.sleep(1.5)  # let the watcher settle before counting
                 reload_rates.append((generation() - g0) / DURATION)
             results[mode].append(r)
