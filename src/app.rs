@@ -663,8 +663,8 @@ fn release_free_memory() {
 /// and asks for a 100 us time slice. The short slice matters as much as the
 /// nice value: EEVDF lets a running task finish its slice before a waking
 /// one preempts it (RUN_TO_PARITY), so with the default slice a reload that
-/// got the CPU could hold the request path off it for milliseconds. Linux
-/// >= 6.12 takes `sched_runtime` as the slice of a normal task; older
+/// got the CPU could hold the request path off it for milliseconds. Since
+/// Linux 6.12 `sched_runtime` is the slice of a normal task; older
 /// kernels refuse it and get nice 19 alone. Failure is harmless: the reload
 /// just runs at normal priority.
 /// (SCHED_IDLE was measured too: reloads then wait for idle CPU, and a
