@@ -22,7 +22,7 @@
 # python3, taskset); benches/load/run.sh installs them. Results are printed
 # and written to the work directory printed first.
 #
-# Knobs: RELOADS=100 ROUNDS=3 DURATION=10 CONNS=64 ROUTES=50
+# Knobs: RELOADS=100 ROUNDS=5 DURATION=10 CONNS=64 ROUTES=50
 #        RELOAD_INTERVAL_MS=100 APP_CPU GEN_CPU SKIP_BUILD=1 SPILLWAY_BIN
 set -euo pipefail
 
@@ -49,7 +49,7 @@ import subprocess, sys, tempfile, threading, time
 BIN = os.environ["SPILLWAY_BIN"]
 HERE = os.environ["BENCH_HERE"]
 RELOADS = int(os.environ.get("RELOADS", "100"))
-ROUNDS = int(os.environ.get("ROUNDS", "3"))
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
 DURATION = int(os.environ.get("DURATION", "10"))
 CONNS = int(os.environ.get("CONNS", "64"))
 ROUTES = int(os.environ.get("ROUTES", "50"))
