@@ -322,14 +322,19 @@ impl Connection {
             if let Some((name, value)) = &identity {
                 req.headers_mut().insert(name.clone(), value.clone());
             }
-            async move {
+            // Boxed per request: hyper keeps a connection's in-flight
+            // future in a slot sized for it for the connection's whole life,
+            // so an unboxed ~4 KiB proxy future cost every idle keep-alive
+            // connection ~4 KiB of RSS (1,000 idle connections: 35.1 ->
+            // 30.8 MiB); the allocation per request measured ~1% CPU.
+            Box::pin(async move {
                 act.active.fetch_add(1, Ordering::Relaxed);
                 let resp = proxy::handle(req, &info, &shared).await;
                 act.last_ms
                     .store(act.start.elapsed().as_millis() as u64, Ordering::Relaxed);
                 act.active.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(resp)
-            }
+            })
         });
         let watch = Watch {
             shared: self.shared.clone(),
