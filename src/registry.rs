@@ -10,7 +10,9 @@
 //! every request that still holds the snapshot it started with (queued
 //! requests) or its `Arc<RouteState>` (the response body guard), so those
 //! finish normally. When the last of them ends, the state is dropped and its
-//! metric series are removed, so renaming routes does not leak series.
+//! metric series are removed, so renaming routes does not leak series. The
+//! same holds for upstreams: a removed or renamed upstream's series, and a
+//! removed endpoint's, go with the last request that used them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -20,7 +22,7 @@ use parking_lot::Mutex;
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::IntCounter;
 
-use crate::config::{Config, QueueDiscipline, RouteConfig};
+use crate::config::{Config, QueueDiscipline, RouteConfig, UpstreamConfig};
 use crate::error::Reason;
 use crate::metrics::{LazyCounters, Metrics, RouteHistograms};
 use crate::proxy::admission::{Admission, AdmissionLimits, Discipline, GlobalLimit};
@@ -145,7 +147,10 @@ impl Registry {
                     if old.is_some() {
                         rebuilt.push(uc.name.clone());
                     }
-                    let u = Arc::new(Upstream::new(uc, &self.metrics)?);
+                    // Claimed first: a dying upstream of the same name then
+                    // keeps the series this one is about to write.
+                    let series = UpstreamSeries::claim(&self.series, &self.metrics, uc);
+                    let u = Arc::new(Upstream::new(uc, &self.metrics, series)?);
                     inner.upstreams.insert(uc.name.clone(), Arc::downgrade(&u));
                     u
                 }
@@ -399,19 +404,96 @@ impl Drop for RouteState {
     }
 }
 
-/// Removes every series of `vec` whose `route` label is `route`. Lazily
-/// resolved counters created only some of them, so the vec itself says which
-/// exist; a series that vanished meanwhile is not an error worth reporting.
+/// Removes every series of `vec` whose `route` label is `route`.
 fn remove_route_series<T: MetricVecBuilder>(vec: &MetricVec<T>, route: &str) {
+    remove_series(vec, &[("route", route)]);
+}
+
+/// Removes every series of `vec` carrying all of `labels`. Lazily resolved
+/// counters created only some of them, so the vec itself says which exist;
+/// a series that vanished meanwhile is not an error worth reporting.
+fn remove_series<T: MetricVecBuilder>(vec: &MetricVec<T>, labels: &[(&str, &str)]) {
     for family in vec.collect() {
         for metric in family.get_metric() {
-            let labels: HashMap<&str, &str> = metric
+            let all: HashMap<&str, &str> = metric
                 .get_label()
                 .iter()
                 .map(|l| (l.name(), l.value()))
                 .collect();
-            if labels.get("route") == Some(&route) {
-                let _ = vec.remove(&labels);
+            if labels.iter().all(|(k, v)| all.get(k) == Some(v)) {
+                let _ = vec.remove(&all);
+            }
+        }
+    }
+}
+
+/// An upstream's claim on its metric series: the breaker's (by upstream
+/// name) and the attempt counters (by name and endpoint). Held by the
+/// [`Upstream`], so it ends when the last snapshot and request using that
+/// upstream are gone; the last claim of a key removes its series, so
+/// renamed upstreams and removed endpoints do not leak series. Keys share
+/// [`SeriesOwners`] with routes, prefixed with a NUL no route name contains.
+pub(crate) struct UpstreamSeries {
+    owners: Arc<SeriesOwners>,
+    metrics: Arc<Metrics>,
+    name: String,
+    endpoints: Vec<String>,
+    breaker: bool,
+}
+
+impl UpstreamSeries {
+    fn claim(owners: &Arc<SeriesOwners>, metrics: &Arc<Metrics>, uc: &UpstreamConfig) -> Self {
+        let claim = UpstreamSeries {
+            owners: owners.clone(),
+            metrics: metrics.clone(),
+            name: uc.name.clone(),
+            endpoints: uc.endpoints.clone(),
+            breaker: uc.circuit_breaker.is_some(),
+        };
+        let mut live = owners.0.lock();
+        for key in claim.keys() {
+            *live.entry(key).or_insert(0) += 1;
+        }
+        claim
+    }
+
+    fn keys(&self) -> impl Iterator<Item = String> + '_ {
+        let breaker = self.breaker.then(|| format!("\0breaker\0{}", self.name));
+        breaker.into_iter().chain(
+            self.endpoints
+                .iter()
+                .map(|ep| format!("\0endpoint\0{}\0{ep}", self.name)),
+        )
+    }
+}
+
+impl Drop for UpstreamSeries {
+    fn drop(&mut self) {
+        // Held through the removal, as for routes: a new claim waits for it.
+        let mut live = self.owners.0.lock();
+        let mut last = |key: String| match live.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                live.remove(&key);
+                true
+            }
+            None => false,
+        };
+        let m = &self.metrics;
+        let name = self.name.as_str();
+        if self.breaker && last(format!("\0breaker\0{name}")) {
+            remove_series(&m.circuit_state, &[("upstream", name)]);
+            remove_series(&m.circuit_transitions_total, &[("upstream", name)]);
+        }
+        for ep in &self.endpoints {
+            if last(format!("\0endpoint\0{name}\0{ep}")) {
+                remove_series(
+                    &m.upstream_requests_total,
+                    &[("upstream", name), ("endpoint", ep.as_str())],
+                );
             }
         }
     }
@@ -499,6 +581,74 @@ mod tests {
         assert_eq!(series(&m, "b"), 0, "{}", m.render());
         assert!(series(&m, "a") > 0, "the kept route lost its series");
         drop(s2);
+    }
+
+    fn upstream_config(name: &str, endpoint: &str) -> Arc<Config> {
+        let yaml = format!(
+            "version: 1\nlisteners:\n  - name: inbound\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\nupstreams:\n  {name}:\n    endpoints: [\"{endpoint}\"]\n    circuit_breaker:\n      failure_threshold: 5\nroutes:\n  - name: r\n    match:\n      path_prefix: /\n    upstream: {name}\n"
+        );
+        let loaded = crate::config::load_str(&yaml, "t.yaml").expect("valid test config");
+        Arc::new(loaded.config)
+    }
+
+    fn upstream_series(m: &Metrics, needle: &str) -> usize {
+        m.render()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(needle))
+            .count()
+    }
+
+    #[test]
+    fn upstream_series_go_with_the_last_user_of_name_and_endpoint() {
+        let m = Arc::new(Metrics::new());
+        let reg = Registry::new(m.clone(), 100);
+        let (s1, _) = reg
+            .build(upstream_config("app", "127.0.0.1:1"), 1, None)
+            .unwrap();
+        let count = |s: &Snapshot| {
+            let u = &s.upstreams[0];
+            u.count(
+                &u.pick_avoiding(None),
+                crate::proxy::upstream::OUTCOME_TIMEOUT,
+            );
+        };
+        count(&s1);
+        assert_eq!(upstream_series(&m, "upstream=\"app\""), 4, "{}", m.render());
+
+        // Renamed: the old name's series stay while a request holds it.
+        let (s2, _) = reg
+            .build(upstream_config("svc", "127.0.0.1:1"), 2, Some(&s1))
+            .unwrap();
+        count(&s2);
+        let in_flight = s1.upstreams[0].clone();
+        drop(s1);
+        assert_eq!(upstream_series(&m, "upstream=\"app\""), 4);
+        drop(in_flight);
+        assert_eq!(upstream_series(&m, "upstream=\"app\""), 0, "{}", m.render());
+        assert_eq!(upstream_series(&m, "upstream=\"svc\""), 4);
+
+        // Same name, new endpoint: only the old endpoint's counters go.
+        let (s3, d3) = reg
+            .build(upstream_config("svc", "127.0.0.1:2"), 3, Some(&s2))
+            .unwrap();
+        assert_eq!(d3.upstreams_rebuilt, ["svc"]);
+        count(&s3);
+        drop(s2);
+        assert_eq!(
+            upstream_series(&m, "endpoint=\"127.0.0.1:1\""),
+            0,
+            "{}",
+            m.render()
+        );
+        assert_eq!(upstream_series(&m, "endpoint=\"127.0.0.1:2\""), 1);
+        assert_eq!(
+            upstream_series(&m, "spillway_circuit_state{"),
+            3,
+            "the rebuilt upstream's breaker lost its series: {}",
+            m.render()
+        );
+        drop(s3);
+        assert_eq!(upstream_series(&m, "upstream=\"svc\""), 0, "{}", m.render());
     }
 
     #[test]

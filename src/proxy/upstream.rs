@@ -65,6 +65,8 @@ pub(crate) struct Upstream {
     endpoints: Vec<Arc<Endpoint>>,
     pub breaker: Option<Arc<Breaker>>,
     metrics: Arc<Metrics>,
+    /// Removes this upstream's metric series when it is the last user.
+    _series: crate::registry::UpstreamSeries,
 }
 
 /// One `host:port` of an upstream.
@@ -123,7 +125,11 @@ pub(crate) enum UpstreamIo {
 
 impl Upstream {
     /// Builds the client and endpoints. The only I/O is reading TLS files.
-    pub(crate) fn new(config: &UpstreamConfig, metrics: &Arc<Metrics>) -> Result<Self, String> {
+    pub(crate) fn new(
+        config: &UpstreamConfig,
+        metrics: &Arc<Metrics>,
+        series: crate::registry::UpstreamSeries,
+    ) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout.0));
         http.set_nodelay(true);
@@ -200,6 +206,7 @@ impl Upstream {
             endpoints,
             breaker,
             metrics: metrics.clone(),
+            _series: series,
         })
     }
 
