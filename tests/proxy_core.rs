@@ -1111,6 +1111,85 @@ async fn slow_headers_get_408_or_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_outlives_the_header_timeout_and_a_slow_next_head_gets_408() {
+    within(60, "test", async {
+        let fake = FakeUpstream::ok().await;
+        // Idle timeout stays at its 60 s default.
+        let yaml = yaml_with(
+            "    request_header_timeout: 300ms",
+            &upstream_yaml("app", fake.addr(), ""),
+            &route_yaml("all", "      path_prefix: /", "app", ""),
+        );
+        let h = ProxyHarness::start(&yaml).await;
+        let mut c = RawConn::connect(h.addr()).await;
+        c.send(b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+        let resp = c.read_response().await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(c.read_body(&resp).await, b"ok");
+        // Idle well past the header timeout: idleness is not a slow head.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        c.send(b"GET /b HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+        let resp = c.read_response().await;
+        assert_eq!(resp.status, 200, "keep-alive connection closed while idle");
+        assert_eq!(c.read_body(&resp).await, b"ok");
+        // A head that starts and stalls on the same connection: 408.
+        c.send(b"GET /slow HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
+            .await;
+        match within(10, "slow head to be answered", c.read_outcome()).await {
+            RawOutcome::Response(resp) => assert_eq!(resp.status, 408, "{resp:?}"),
+            RawOutcome::Closed { partial, .. } => panic!(
+                "closed without a 408: {:?}",
+                String::from_utf8_lossy(&partial)
+            ),
+        }
+        assert_eq!(fake.hits(), 2);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2c_connection_outlives_the_header_timeout() {
+    within(60, "test", async {
+        let fake = FakeUpstream::ok().await;
+        let yaml = yaml_with(
+            "    request_header_timeout: 300ms",
+            &upstream_yaml("app", fake.addr(), ""),
+            &route_yaml("all", "      path_prefix: /", "app", ""),
+        );
+        let h = ProxyHarness::start(&yaml).await;
+        // One h2c connection (prior knowledge on the `auto` listener), so a
+        // close cannot hide behind a client pool's reconnect.
+        let tcp = tokio::net::TcpStream::connect(h.addr()).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2c handshake");
+        let driver = tokio::spawn(conn);
+        let get = |path: &str| {
+            Request::get(format!("http://app.test{path}"))
+                .version(Version::HTTP_2)
+                .body(empty())
+                .expect("req")
+        };
+        let resp = sender.send_request(get("/a")).await.expect("first request");
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Idle past the header timeout (settings and pings may flow meanwhile).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let resp = sender
+            .send_request(get("/b"))
+            .await
+            .expect("idle h2c connection was closed");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(fake.hits(), 2);
+        drop(sender);
+        let _ = driver.await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_pauses_accept() {
     within(90, "test", async {
         let fake = FakeUpstream::ok().await;

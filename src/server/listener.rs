@@ -1,8 +1,9 @@
 //! Accept loop and per-connection serving: HTTP/1.1, h2c prior knowledge or
 //! both (`auto`), `max_connections` (accept pauses above it), EMFILE back-off,
-//! request header timeout (hyper closes a connection whose request head does
-//! not arrive in time), keep-alive idle timeout, header size limit (431), and
-//! graceful close on drain (`Connection: close` / GOAWAY).
+//! request header timeout (a request head that started to arrive must be
+//! complete in time, else 408 and close: [`HeadClock`]), keep-alive idle
+//! timeout, header size limit (431), and graceful close on drain
+//! (`Connection: close` / GOAWAY).
 //!
 //! With `tls:` (see `tls.rs`) each accepted stream is handshaken first:
 //! bounded by `handshake_timeout`, with at most `max_handshakes` in progress
@@ -16,7 +17,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -129,6 +131,7 @@ async fn accept_loop(
             protocol: cfg.protocol,
             gauge: gauge.clone(),
             idle: cfg.idle_timeout.0,
+            head_timeout: cfg.request_header_timeout.0,
             tracked: conns.track(),
             strip: strip.clone(),
         };
@@ -139,7 +142,7 @@ async fn accept_loop(
             let _slot = slot;
             let Some(tls) = tls else {
                 let info = Arc::new(ConnInfo::new(remote, false));
-                conn.run(TokioIo::new(stream), info, Alpn::None, None).await;
+                conn.run(stream, info, Alpn::None, None).await;
                 return;
             };
             // Boxed: the handshake state is several KiB, and plain connections
@@ -154,7 +157,7 @@ async fn accept_loop(
                         _ => None,
                     };
                     // Boxed for the same reason: a TLS stream is large.
-                    Box::pin(conn.run(TokioIo::new(a.stream), info, a.alpn, identity)).await;
+                    Box::pin(conn.run(a.stream, info, a.alpn, identity)).await;
                 }
                 Err(e) => {
                     tracing::debug!(listener = %name, %remote, error = %e, "TLS handshake did not complete")
@@ -239,9 +242,11 @@ impl Builders {
     fn new(cfg: &ListenerConfig) -> Self {
         let header_list = cfg.max_header_bytes.0.min(u64::from(u32::MAX)) as u32;
         let mut auto = Builder::new(TokioExecutor::new());
+        // No `header_read_timeout`: hyper starts it whenever it waits for a
+        // head, so it also closed keep-alive connections that were merely
+        // idle (after request_header_timeout instead of idle_timeout), and
+        // it armed a boxed timer per request. `HeadClock` replaces it.
         auto.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(cfg.request_header_timeout.0)
             .max_buf_size(cfg.max_header_bytes.0 as usize)
             .keep_alive(true);
         auto.http2()
@@ -252,9 +257,7 @@ impl Builders {
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
         let mut h1 = hyper::server::conn::http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(cfg.request_header_timeout.0)
-            .max_buf_size(cfg.max_header_bytes.0 as usize)
+        h1.max_buf_size(cfg.max_header_bytes.0 as usize)
             .keep_alive(true);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
@@ -279,36 +282,172 @@ struct Connection {
     protocol: ListenerProtocol,
     gauge: IntGauge,
     idle: Duration,
+    /// `request_header_timeout`: from a request head's first byte to its end.
+    head_timeout: Duration,
     tracked: crate::shutdown::Tracked,
     /// Identity headers removed from every request (see [`identity_headers`]).
     strip: Arc<[HeaderName]>,
 }
 
-/// Request activity on a connection, for the idle timer.
+/// Request activity on a connection, for the idle and request-head timers.
 struct Activity {
     start: Instant,
     active: AtomicUsize,
     last_ms: AtomicU64,
+    /// Since `start`, when the first byte of a request head arrived while no
+    /// request was in progress ([`NO_HEAD`]: none pending). Cleared when the
+    /// head is complete (the request reaches the service).
+    head_since_ms: AtomicU64,
+    /// HTTP/2: no request-head clock (streams, pings and settings frames
+    /// arrive on an idle connection).
+    head_clock_off: AtomicBool,
+    /// Set by the watcher: the pending head took too long.
+    head_timed_out: AtomicBool,
+}
+
+const NO_HEAD: u64 = u64::MAX;
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            active: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            head_since_ms: AtomicU64::new(NO_HEAD),
+            head_clock_off: AtomicBool::new(false),
+            head_timed_out: AtomicBool::new(false),
+        }
+    }
+
+    /// Bytes arrived from the client: starts the head clock if they begin a
+    /// request head (no request in progress, none pending). Bytes read while
+    /// a request runs (its body, or a pipelined next head) do not; a partial
+    /// head left after such a request is then bounded by the idle timeout.
+    fn bytes_arrived(&self) {
+        if self.active.load(Ordering::Relaxed) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == NO_HEAD
+        {
+            let since = self.start.elapsed().as_millis() as u64;
+            self.head_since_ms.store(since, Ordering::Relaxed);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The client stream, watched for the start of request heads (see
+    /// [`Activity::bytes_arrived`]). When the watcher flags a head as too
+    /// slow, the next read answers `408` and fails, which ends the connection.
+    /// Replaces hyper's `header_read_timeout` (see [`Builders::new`]).
+    struct HeadClock<S> {
+        #[pin]
+        inner: S,
+        act: Arc<Activity>,
+        first_read: bool,
+        answered: bool,
+    }
+}
+
+impl<S> HeadClock<S> {
+    fn new(inner: S, act: Arc<Activity>) -> Self {
+        HeadClock {
+            inner,
+            act,
+            first_read: true,
+            answered: false,
+        }
+    }
+}
+
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+impl<S: AsyncRead + AsyncWrite> AsyncRead for HeadClock<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        if this.act.head_timed_out.load(Ordering::Relaxed) {
+            if !*this.answered {
+                *this.answered = true;
+                // Best effort: a client that does not read gets no 408.
+                let _ = this.inner.as_mut().poll_write(cx, REQUEST_TIMEOUT);
+                let _ = this.inner.as_mut().poll_flush(cx);
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not complete within request_header_timeout",
+            )));
+        }
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            let got = &buf.filled()[before..];
+            if !got.is_empty() {
+                if std::mem::take(this.first_read) && got.starts_with(b"PRI ") {
+                    // The HTTP/2 preface (h2c prior knowledge on `auto`).
+                    this.act.head_clock_off.store(true, Ordering::Relaxed);
+                }
+                this.act.bytes_arrived();
+            }
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for HeadClock<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
 }
 
 impl Connection {
     /// Serves requests until the connection ends. `identity` is added to
     /// every request after the incoming copies were stripped.
-    async fn run<I>(
+    async fn run<S>(
         self,
-        io: I,
+        stream: S,
         info: Arc<ConnInfo>,
         alpn: Alpn,
         identity: Option<(HeaderName, HeaderValue)>,
     ) where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         self.gauge.inc();
-        let activity = Arc::new(Activity {
-            start: Instant::now(),
-            active: AtomicUsize::new(0),
-            last_ms: AtomicU64::new(0),
-        });
+        let activity = Arc::new(Activity::new());
+        let proto = Proto::select(alpn, self.protocol);
+        if matches!(proto, Proto::Http2) {
+            activity.head_clock_off.store(true, Ordering::Relaxed);
+        }
+        let io = TokioIo::new(HeadClock::new(stream, activity.clone()));
         let shared = self.shared.clone();
         let act = activity.clone();
         let strip = self.strip.clone();
@@ -328,6 +467,8 @@ impl Connection {
             // connection ~4 KiB of RSS (1,000 idle connections: 35.1 ->
             // 30.8 MiB); the allocation per request measured ~1% CPU.
             Box::pin(async move {
+                // The head is complete: its clock stops.
+                act.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
                 act.active.fetch_add(1, Ordering::Relaxed);
                 let resp = proxy::handle(req, &info, &shared).await;
                 act.last_ms
@@ -340,9 +481,10 @@ impl Connection {
             shared: self.shared.clone(),
             activity,
             idle: self.idle,
+            head: self.head_timeout,
         };
         let b = &self.builders;
-        match Proto::select(alpn, self.protocol) {
+        match proto {
             Proto::Auto => {
                 let conn = b.auto.serve_connection_with_upgrades(io, svc);
                 watch.drive(conn, |c| c.graceful_shutdown()).await
@@ -363,11 +505,13 @@ impl Connection {
     }
 }
 
-/// What ends or winds down a connection besides the client: drain and idleness.
+/// What ends or winds down a connection besides the client: drain, idleness
+/// and a request head that takes too long.
 struct Watch {
     shared: Arc<Shared>,
     activity: Arc<Activity>,
     idle: Duration,
+    head: Duration,
 }
 
 impl Watch {
@@ -380,7 +524,8 @@ impl Watch {
         E: std::fmt::Display,
     {
         tokio::pin!(conn);
-        let idle = idle_watch(self.activity, self.idle);
+        let act = self.activity.clone();
+        let idle = idle_watch(self.activity, self.idle, self.head);
         tokio::pin!(idle);
         let shutdown = &self.shared.shutdown;
         let mut registered: Option<PhaseWaker> = None;
@@ -405,10 +550,22 @@ impl Watch {
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(res);
             }
-            if !closing && idle.as_mut().poll(cx).is_ready() {
-                closing = true;
-                graceful(conn.as_mut());
-                return conn.as_mut().poll(cx);
+            if !closing {
+                match idle.as_mut().poll(cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Watched::Idle) => {
+                        closing = true;
+                        graceful(conn.as_mut());
+                        return conn.as_mut().poll(cx);
+                    }
+                    Poll::Ready(Watched::SlowHead) => {
+                        // The stream answers 408 and fails on hyper's next read.
+                        closing = true;
+                        act.head_timed_out.store(true, Ordering::Relaxed);
+                        tracing::debug!("request head not complete in time: 408");
+                        return conn.as_mut().poll(cx);
+                    }
+                }
             }
             Poll::Pending
         })
@@ -419,19 +576,43 @@ impl Watch {
     }
 }
 
-/// Resolves once the connection has had no request in progress for `idle`.
-async fn idle_watch(act: Arc<Activity>, idle: Duration) {
+/// Why the watcher fired.
+enum Watched {
+    /// No request in progress for `idle`.
+    Idle,
+    /// A request head started arriving `head` ago and is still not complete.
+    SlowHead,
+}
+
+/// Resolves once the connection has had no request in progress for `idle`,
+/// or a pending request head is older than `head`. One timer per connection,
+/// re-armed at most every `head` (so a head that starts mid-sleep is caught
+/// at its deadline) and never per request.
+async fn idle_watch(act: Arc<Activity>, idle: Duration, head: Duration) -> Watched {
     loop {
+        let now = Instant::now();
+        let busy = act.active.load(Ordering::Relaxed) > 0;
         let last = Duration::from_millis(act.last_ms.load(Ordering::Relaxed));
-        let due = act.start + last + idle;
-        if Instant::now() >= due && act.active.load(Ordering::Relaxed) == 0 {
-            return;
+        let idle_due = act.start + last + idle;
+        if now >= idle_due && !busy {
+            return Watched::Idle;
         }
-        let next = if Instant::now() >= due {
-            Instant::now() + idle
+        let mut next = if now >= idle_due {
+            now + idle
         } else {
-            due
+            idle_due
         };
+        if !act.head_clock_off.load(Ordering::Relaxed) {
+            let since = act.head_since_ms.load(Ordering::Relaxed);
+            if since != NO_HEAD && !busy {
+                let head_due = act.start + Duration::from_millis(since) + head;
+                if now >= head_due {
+                    return Watched::SlowHead;
+                }
+                next = next.min(head_due);
+            }
+            next = next.min(now + head);
+        }
         tokio::time::sleep_until(next).await;
     }
 }
