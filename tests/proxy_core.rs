@@ -1077,16 +1077,30 @@ async fn oversized_headers_get_431() {
     .await
 }
 
+/// A proxy with one catch-all route to `fake`, and `listener` added to its listener.
+async fn one_route_proxy(fake: &FakeUpstream, listener: &str) -> ProxyHarness {
+    let yaml = yaml_with(
+        listener,
+        &upstream_yaml("app", fake.addr(), ""),
+        &route_yaml("all", "      path_prefix: /", "app", ""),
+    );
+    ProxyHarness::start(&yaml).await
+}
+
+/// GET `path` on a raw keep-alive connection: 200 with the fake's `ok`.
+async fn get_ok(c: &mut RawConn, path: &str) {
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes())
+        .await;
+    let resp = c.read_response().await;
+    assert_eq!(resp.status, 200, "GET {path}: {resp:?}");
+    assert_eq!(c.read_body(&resp).await, b"ok");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_get_408_or_close() {
     within(60, "test", async {
         let fake = FakeUpstream::ok().await;
-        let yaml = yaml_with(
-            "    request_header_timeout: 300ms",
-            &upstream_yaml("app", fake.addr(), ""),
-            &route_yaml("all", "      path_prefix: /", "app", ""),
-        );
-        let h = ProxyHarness::start(&yaml).await;
+        let h = one_route_proxy(&fake, "    request_header_timeout: 300ms").await;
         let mut c = RawConn::connect(h.addr()).await;
         c.send(b"GET /slow HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
             .await;
@@ -1115,23 +1129,12 @@ async fn idle_keep_alive_outlives_the_header_timeout_and_a_slow_next_head_gets_4
     within(60, "test", async {
         let fake = FakeUpstream::ok().await;
         // Idle timeout stays at its 60 s default.
-        let yaml = yaml_with(
-            "    request_header_timeout: 300ms",
-            &upstream_yaml("app", fake.addr(), ""),
-            &route_yaml("all", "      path_prefix: /", "app", ""),
-        );
-        let h = ProxyHarness::start(&yaml).await;
+        let h = one_route_proxy(&fake, "    request_header_timeout: 300ms").await;
         let mut c = RawConn::connect(h.addr()).await;
-        c.send(b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
-        let resp = c.read_response().await;
-        assert_eq!(resp.status, 200);
-        assert_eq!(c.read_body(&resp).await, b"ok");
+        get_ok(&mut c, "/a").await;
         // Idle well past the header timeout: idleness is not a slow head.
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        c.send(b"GET /b HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
-        let resp = c.read_response().await;
-        assert_eq!(resp.status, 200, "keep-alive connection closed while idle");
-        assert_eq!(c.read_body(&resp).await, b"ok");
+        get_ok(&mut c, "/b").await;
         // A head that starts and stalls on the same connection: 408.
         c.send(b"GET /slow HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
             .await;
@@ -1151,15 +1154,12 @@ async fn idle_keep_alive_outlives_the_header_timeout_and_a_slow_next_head_gets_4
 async fn idle_h2c_connection_outlives_the_header_timeout() {
     within(60, "test", async {
         let fake = FakeUpstream::ok().await;
-        let yaml = yaml_with(
-            "    request_header_timeout: 300ms",
-            &upstream_yaml("app", fake.addr(), ""),
-            &route_yaml("all", "      path_prefix: /", "app", ""),
-        );
-        let h = ProxyHarness::start(&yaml).await;
+        let h = one_route_proxy(&fake, "    request_header_timeout: 300ms").await;
         // One h2c connection (prior knowledge on the `auto` listener), so a
         // close cannot hide behind a client pool's reconnect.
-        let tcp = tokio::net::TcpStream::connect(h.addr()).await.expect("connect");
+        let tcp = tokio::net::TcpStream::connect(h.addr())
+            .await
+            .expect("connect");
         let (mut sender, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tcp),
@@ -1235,22 +1235,11 @@ async fn max_connections_pauses_accept() {
 async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
     within(60, "test", async {
         let fake = FakeUpstream::ok().await;
-        let yaml = yaml_with(
-            "    idle_timeout: 300ms",
-            &upstream_yaml("app", fake.addr(), ""),
-            &route_yaml("all", "      path_prefix: /", "app", ""),
-        );
-        let h = ProxyHarness::start(&yaml).await;
+        let h = one_route_proxy(&fake, "    idle_timeout: 300ms").await;
         let mut c = RawConn::connect(h.addr()).await;
-        c.send(b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
-        let resp = c.read_response().await;
-        assert_eq!(resp.status, 200);
-        assert_eq!(c.read_body(&resp).await, b"ok");
+        get_ok(&mut c, "/a").await;
         // Keep-alive: a second request on the same connection works.
-        c.send(b"GET /b HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
-        let resp = c.read_response().await;
-        assert_eq!(resp.status, 200);
-        assert_eq!(c.read_body(&resp).await, b"ok");
+        get_ok(&mut c, "/b").await;
         assert!(within(10, "idle connection to be closed", c.closed()).await);
     })
     .await
