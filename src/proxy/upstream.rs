@@ -303,17 +303,23 @@ impl Upstream {
             }
         };
         async move {
-            let result = match (prepared, &self.client) {
-                (Prepared::H1 { head, method, body }, _) => {
+            // Matched by value (no tuple): the prepared request is not
+            // copied again into the future's state.
+            let result = match prepared {
+                Prepared::H1 { head, method, body } => {
                     self.send_h1(ep, head, method, body, connect_stage).await
                 }
-                (Prepared::H2(req), Some(client)) => {
-                    // hyper-util's pool connects out of sight: the connector finds
-                    // the route's histogram in a task-local.
-                    let call = self.send_h2(client, ep, *req);
-                    CONNECT_STAGE.scope(connect_stage.clone(), call).await
-                }
-                (Prepared::H2(_), None) => Err(UpstreamError::Connect("no HTTP/2 client".into())),
+                Prepared::H2(req) => match &self.client {
+                    Some(client) => {
+                        // hyper-util's pool connects out of sight: the connector
+                        // finds the route's histogram in a task-local. Boxed:
+                        // this branch's state (~800 B) would otherwise size
+                        // every request's future, HTTP/1.1 ones included.
+                        let call = self.send_h2(client, ep, *req);
+                        Box::pin(CONNECT_STAGE.scope(connect_stage.clone(), call)).await
+                    }
+                    None => Err(UpstreamError::Connect("no HTTP/2 client".into())),
+                },
             };
             match &result {
                 Ok(resp) => {
@@ -343,7 +349,11 @@ impl Upstream {
         loop {
             let (conn, reused) = match (!fresh_only).then(|| pool.checkout()).flatten() {
                 Some(conn) => (conn, true),
-                None => (h1::Conn::new(self.connect(ep, connect_stage).await?), false),
+                // Boxed: a new connection is the rare case (pool hits are not).
+                None => (
+                    h1::Conn::new(Box::pin(self.connect(ep, connect_stage)).await?),
+                    false,
+                ),
             };
             match h1::exchange(conn, reused, head.clone(), body, &method, pool.clone()).await {
                 Ok(resp) => return Ok(resp.map(RespBody::H1)),
