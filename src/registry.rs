@@ -57,6 +57,27 @@ pub(crate) struct RouteState {
 #[derive(Default)]
 struct SeriesOwners(Mutex<HashMap<String, usize>>);
 
+/// One more owner of `key`'s series.
+fn claim_key(live: &mut HashMap<String, usize>, key: &str) {
+    *live.entry(key.to_string()).or_insert(0) += 1;
+}
+
+/// One owner of `key`'s series fewer; true when it was the last, so the
+/// caller removes the series (still holding the lock).
+fn release_key(live: &mut HashMap<String, usize>, key: &str) -> bool {
+    match live.get_mut(key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            live.remove(key);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Timeout stages, in `RouteState::timeouts` order.
 pub(crate) const TIMEOUT_STAGES: [&str; 4] = ["queue", "per_try", "request", "body"];
 
@@ -282,7 +303,7 @@ impl RouteState {
         // state of the same name removes its series either before this (and
         // these handles are fresh) or not at all (we are counted).
         let mut live = owners.0.lock();
-        *live.entry(name.to_string()).or_insert(0) += 1;
+        claim_key(&mut live, name);
         let state = RouteState {
             name: name.to_string(),
             admission: Admission::new(limits),
@@ -376,14 +397,9 @@ impl RouteState {
 impl Drop for RouteState {
     fn drop(&mut self) {
         let mut live = self.owners.0.lock();
-        let Some(n) = live.get_mut(&self.name) else {
-            return;
-        };
-        *n -= 1;
-        if *n > 0 {
+        if !release_key(&mut live, &self.name) {
             return;
         }
-        live.remove(&self.name);
         let m = &self.metrics;
         let route = self.name.as_str();
         remove_route_series(&m.requests_total, route);
@@ -451,19 +467,21 @@ impl UpstreamSeries {
             breaker: uc.circuit_breaker.is_some(),
         };
         let mut live = owners.0.lock();
-        for key in claim.keys() {
-            *live.entry(key).or_insert(0) += 1;
+        if claim.breaker {
+            claim_key(&mut live, &claim.breaker_key());
+        }
+        for ep in &claim.endpoints {
+            claim_key(&mut live, &claim.endpoint_key(ep));
         }
         claim
     }
 
-    fn keys(&self) -> impl Iterator<Item = String> + '_ {
-        let breaker = self.breaker.then(|| format!("\0breaker\0{}", self.name));
-        breaker.into_iter().chain(
-            self.endpoints
-                .iter()
-                .map(|ep| format!("\0endpoint\0{}\0{ep}", self.name)),
-        )
+    fn breaker_key(&self) -> String {
+        format!("\0breaker\0{}", self.name)
+    }
+
+    fn endpoint_key(&self, ep: &str) -> String {
+        format!("\0endpoint\0{}\0{ep}", self.name)
     }
 }
 
@@ -471,25 +489,14 @@ impl Drop for UpstreamSeries {
     fn drop(&mut self) {
         // Held through the removal, as for routes: a new claim waits for it.
         let mut live = self.owners.0.lock();
-        let mut last = |key: String| match live.get_mut(&key) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            Some(_) => {
-                live.remove(&key);
-                true
-            }
-            None => false,
-        };
         let m = &self.metrics;
         let name = self.name.as_str();
-        if self.breaker && last(format!("\0breaker\0{name}")) {
+        if self.breaker && release_key(&mut live, &self.breaker_key()) {
             remove_series(&m.circuit_state, &[("upstream", name)]);
             remove_series(&m.circuit_transitions_total, &[("upstream", name)]);
         }
         for ep in &self.endpoints {
-            if last(format!("\0endpoint\0{name}\0{ep}")) {
+            if release_key(&mut live, &self.endpoint_key(ep)) {
                 remove_series(
                     &m.upstream_requests_total,
                     &[("upstream", name), ("endpoint", ep.as_str())],
