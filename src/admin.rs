@@ -18,8 +18,10 @@ use tokio::net::TcpListener;
 use crate::config::units::format_duration;
 use crate::config::QueueDiscipline;
 use crate::error::Reason;
+use crate::metrics::{Label, StatusClass};
+use crate::proxy::outcome::TimeoutStage;
 use crate::proxy::Shared;
-use crate::registry::{Route, TIMEOUT_STAGES};
+use crate::registry::Route;
 use crate::shutdown::{Phase, Tracker};
 
 /// What the admin endpoints read.
@@ -188,41 +190,35 @@ pub(crate) fn status_json(state: &AdminState) -> serde_json::Value {
 fn route_status(r: &Route) -> serde_json::Value {
     let st = &r.state;
     let s = st.admission.stats();
-    let rejections: serde_json::Map<String, serde_json::Value> = REJECTION_REASONS
+    let rejections: serde_json::Map<String, serde_json::Value> = Reason::ALL
         .iter()
-        .map(|reason| {
+        .filter(|reason| reason.is_rejection())
+        .map(|&reason| {
             (
                 reason.as_str().to_string(),
-                json!(st.rejections.get(reason.index())),
+                json!(st.rejections.get(reason)),
             )
         })
         .filter(|(_, v)| v.as_u64() != Some(0))
         .collect();
-    let rejections_total: u64 = REJECTION_REASONS
-        .iter()
-        .map(|reason| st.rejections.get(reason.index()))
-        .sum();
-    // `requests` slots are (status class - 1) * Reason::COUNT + reason.
+    let rejections_total = st.rejections.total();
     let mut requests = serde_json::Map::new();
-    let mut requests_total = 0;
-    for class in 1..=5usize {
-        let n: u64 = (0..Reason::COUNT)
-            .map(|i| st.requests.get((class - 1) * Reason::COUNT + i))
+    for &class in StatusClass::ALL {
+        let n: u64 = Reason::ALL
+            .iter()
+            .map(|&reason| st.requests.get(class, reason))
             .sum();
-        requests_total += n;
         if n > 0 {
-            requests.insert(format!("{class}xx"), json!(n));
+            requests.insert(class.as_str().to_string(), json!(n));
         }
     }
-    let timeouts: serde_json::Map<String, serde_json::Value> = TIMEOUT_STAGES
+    let requests_total = st.requests.total();
+    let timeouts: serde_json::Map<String, serde_json::Value> = TimeoutStage::ALL
         .iter()
-        .enumerate()
-        .map(|(i, stage)| (stage.to_string(), json!(st.timeouts.get(i))))
+        .map(|&stage| (stage.as_str().to_string(), json!(st.timeouts.get(stage))))
         .filter(|(_, v)| v.as_u64() != Some(0))
         .collect();
-    // One slot per retry cause; slots past the end read 0, so a generous
-    // bound stays right if causes are added.
-    let retries_total: u64 = (0..64).map(|i| st.retries.get(i)).sum();
+    let retries_total = st.retries.total();
     json!({
         "name": r.config.name,
         "upstream": r.config.upstream,
@@ -249,16 +245,6 @@ fn route_status(r: &Route) -> serde_json::Value {
         "retry_budget_exhausted": st.budget_exhausted.get(),
     })
 }
-
-const REJECTION_REASONS: [Reason; 7] = [
-    Reason::QueueFull,
-    Reason::QueueTimeout,
-    Reason::GlobalLimit,
-    Reason::BreakerOpen,
-    Reason::BodyTooLarge,
-    Reason::Draining,
-    Reason::NoRoute,
-];
 
 /// The /status page: self-contained (no external assets, since the admin port
 /// may be the only thing reachable), readable without JavaScript (rows are

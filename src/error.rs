@@ -1,6 +1,10 @@
 //! Every response Spillway makes itself. Status, headers and the metric's
 //! `reason` label come from ONE match ([`ProxyError::parts`]), so a reply and its
-//! accounting can never disagree.
+//! accounting can never disagree. Which failure becomes which reason is decided
+//! in one table too: `proxy::outcome::decide`.
+//!
+//! The reply is rendered as plain bytes; the proxy wraps it in its body type,
+//! so this module depends on nothing of the data path.
 
 use std::time::Duration;
 
@@ -9,53 +13,42 @@ use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_
 use http::{Response, StatusCode};
 
 use crate::config::FallbackConfig;
-use crate::proxy::body::ProxyBody;
 
 /// The header naming why Spillway answered locally.
 pub const REASON_HEADER: &str = "x-spillway-reason";
 
-/// Why a request was answered the way it was: `upstream` or a local reason.
-/// The string forms are metric label values and the `x-spillway-reason` header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    Upstream,
-    QueueFull,
-    QueueTimeout,
-    GlobalLimit,
-    BreakerOpen,
-    UpstreamTimeout,
-    UpstreamConnect,
-    UpstreamReset,
-    NoRoute,
-    BodyTooLarge,
-    Draining,
-    /// The client stalled sending its request body for `response_body_idle`.
-    ClientTimeout,
+crate::metrics::label_enum! {
+    /// Why a request was answered the way it was: `upstream` or a local reason.
+    /// The string forms are metric label values and the `x-spillway-reason` header.
+    pub enum Reason {
+        /// The upstream's own response, passed through.
+        Upstream => "upstream",
+        QueueFull => "queue_full",
+        QueueTimeout => "queue_timeout",
+        GlobalLimit => "global_limit",
+        BreakerOpen => "breaker_open",
+        UpstreamTimeout => "upstream_timeout",
+        UpstreamConnect => "upstream_connect",
+        UpstreamReset => "upstream_reset",
+        NoRoute => "no_route",
+        BodyTooLarge => "body_too_large",
+        Draining => "draining",
+        /// The client sent a malformed request body (bad chunk framing, a
+        /// length other than declared).
+        BadRequest => "bad_request",
+        /// The client stalled sending its request body for `response_body_idle`.
+        ClientTimeout => "client_timeout",
+        /// The client left (closed or reset its connection or stream) before
+        /// the response was complete. Nobody is left to answer; counted with
+        /// status class 4xx.
+        ClientAbort => "client_abort",
+    }
 }
 
 impl Reason {
-    /// Number of reasons (array sizes for per-reason handles).
-    pub(crate) const COUNT: usize = 12;
-
+    /// The label value (also the `x-spillway-reason` header value).
     pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Upstream => "upstream",
-            Reason::QueueFull => "queue_full",
-            Reason::QueueTimeout => "queue_timeout",
-            Reason::GlobalLimit => "global_limit",
-            Reason::BreakerOpen => "breaker_open",
-            Reason::UpstreamTimeout => "upstream_timeout",
-            Reason::UpstreamConnect => "upstream_connect",
-            Reason::UpstreamReset => "upstream_reset",
-            Reason::NoRoute => "no_route",
-            Reason::BodyTooLarge => "body_too_large",
-            Reason::Draining => "draining",
-            Reason::ClientTimeout => "client_timeout",
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
+        <Self as crate::metrics::Label>::as_str(self)
     }
 
     /// Shed reasons take the route's `shed.status` and may be replaced by a fallback.
@@ -63,6 +56,29 @@ impl Reason {
         matches!(
             self,
             Reason::QueueFull | Reason::QueueTimeout | Reason::GlobalLimit
+        )
+    }
+
+    /// Counted in `spillway_rejections_total`: Spillway refused the request
+    /// itself. Upstream failures are answered locally but were not refused;
+    /// a client that left was not refused either.
+    pub(crate) fn is_rejection(self) -> bool {
+        !matches!(
+            self,
+            Reason::Upstream
+                | Reason::UpstreamTimeout
+                | Reason::UpstreamConnect
+                | Reason::UpstreamReset
+                | Reason::ClientAbort
+        )
+    }
+
+    /// The request's connection cannot carry another request after this
+    /// reply: its request body was left unread or unreadable.
+    pub(crate) fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            Reason::Draining | Reason::ClientTimeout | Reason::BadRequest | Reason::ClientAbort
         )
     }
 }
@@ -123,7 +139,14 @@ impl ProxyError {
                 14,
                 "proxy is shutting down",
             ),
+            Reason::BadRequest => (StatusCode::BAD_REQUEST, 13, "malformed request body"),
             Reason::ClientTimeout => (StatusCode::REQUEST_TIMEOUT, 4, "request body stalled"),
+            // Nobody reads it; 499 (as nginx logs it) keeps the status class 4xx.
+            Reason::ClientAbort => (
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                1,
+                "client closed the request",
+            ),
             // Never a local reply; kept total so the table has no holes.
             Reason::Upstream => (StatusCode::BAD_GATEWAY, 13, "upstream"),
         }
@@ -135,12 +158,12 @@ impl ProxyError {
         self,
         grpc: bool,
         fallback: Option<&FallbackConfig>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<Bytes> {
         let reason = HeaderValue::from_static(self.reason.as_str());
         if let Some(fb) =
             fallback.filter(|_| self.reason.is_shed() || self.reason == Reason::BreakerOpen)
         {
-            let mut resp = Response::new(ProxyBody::full(Bytes::from(fb.body.clone())));
+            let mut resp = Response::new(Bytes::from(fb.body.clone()));
             *resp.status_mut() = StatusCode::from_u16(fb.status).unwrap_or(StatusCode::OK);
             let h = resp.headers_mut();
             for (k, v) in &fb.headers {
@@ -151,14 +174,14 @@ impl ProxyError {
         }
         let (status, grpc_status, message) = self.parts();
         let mut resp = if grpc {
-            let mut r = Response::new(ProxyBody::empty());
+            let mut r = Response::new(Bytes::new());
             let h = r.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             h.insert("grpc-status", HeaderValue::from(u16::from(grpc_status)));
             h.insert("grpc-message", HeaderValue::from_static(message));
             r
         } else {
-            let mut r = Response::new(ProxyBody::full(Bytes::from_static(message.as_bytes())));
+            let mut r = Response::new(Bytes::from_static(message.as_bytes()));
             *r.status_mut() = status;
             let h = r.headers_mut();
             h.insert(
@@ -175,7 +198,7 @@ impl ProxyError {
             let secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
             h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
-        if matches!(self.reason, Reason::Draining | Reason::ClientTimeout) {
+        if self.reason.closes_connection() {
             h.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         resp

@@ -1,7 +1,10 @@
 //! Every metric Spillway exports: names and help texts in one place, one
 //! non-global `prometheus::Registry` (global statics break test isolation).
-//! Per-route handles are resolved when a route is built, never per request.
+//! Per-route handles are resolved when a route is built, or (for counters
+//! labelled by an outcome) once per label value on its first use: never by
+//! formatting labels per request.
 
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 use prometheus::{
@@ -128,39 +131,166 @@ impl Metrics {
     }
 }
 
-/// A counter family with one label tuple resolved lazily per slot, so a route
-/// resolves `with_label_values` at most once per (slot) and exports no zero series
-/// for outcomes that never happened.
-pub(crate) struct LazyCounters<const N: usize> {
-    slots: [OnceLock<IntCounter>; N],
+/// A closed set of metric label values: an enum whose variants are the only
+/// values one label can take. Declared with [`label_enum!`], which derives
+/// `ALL`, `as_str` and `index` from one list of variants, so a counter array
+/// sized by `ALL` always has a slot for every variant.
+pub(crate) trait Label: Copy + Eq + std::fmt::Debug + 'static {
+    /// Every variant, in declaration order.
+    const ALL: &'static [Self];
+    /// The label value as exported.
+    fn as_str(self) -> &'static str;
+    /// Position in [`Label::ALL`].
+    fn index(self) -> usize;
 }
 
-impl<const N: usize> LazyCounters<N> {
+/// Declares a [`Label`] enum: `Variant => "label value"` per line.
+macro_rules! label_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $label:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $crate::metrics::Label for $name {
+            const ALL: &'static [Self] = &[$($name::$variant),+];
+
+            fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $label, )+
+                }
+            }
+
+            fn index(self) -> usize {
+                // Fieldless enum with implicit discriminants: 0, 1, 2, ... in
+                // declaration order, which is the order of `ALL`.
+                self as usize
+            }
+        }
+    };
+}
+pub(crate) use label_enum;
+
+label_enum! {
+    /// `status_class` of `spillway_requests_total`.
+    pub(crate) enum StatusClass {
+        Informational => "1xx",
+        Success => "2xx",
+        Redirection => "3xx",
+        ClientError => "4xx",
+        ServerError => "5xx",
+    }
+}
+
+impl StatusClass {
+    /// The class of an HTTP status; out-of-range codes fold into the nearest class.
+    pub(crate) fn of(status: u16) -> Self {
+        match status / 100 {
+            0 | 1 => StatusClass::Informational,
+            2 => StatusClass::Success,
+            3 => StatusClass::Redirection,
+            4 => StatusClass::ClientError,
+            _ => StatusClass::ServerError,
+        }
+    }
+}
+
+/// One lazily resolved counter per variant of `L`, for one counter family
+/// whose other labels (route, upstream, ...) are fixed: `with_label_values`
+/// runs at most once per variant, and variants that never happen export no
+/// zero series.
+pub(crate) struct LabelCounters<L: Label> {
+    slots: Box<[OnceLock<IntCounter>]>,
+    _label: PhantomData<L>,
+}
+
+impl<L: Label> LabelCounters<L> {
     pub(crate) fn new() -> Self {
-        LazyCounters {
-            slots: std::array::from_fn(|_| OnceLock::new()),
+        LabelCounters {
+            slots: L::ALL.iter().map(|_| OnceLock::new()).collect(),
+            _label: PhantomData,
         }
     }
 
-    /// Current value of slot `i` (0 if never incremented).
-    pub(crate) fn get(&self, i: usize) -> u64 {
+    /// Increments the counter of `label`; `fixed` are the family's other
+    /// label values, in order, followed by `label`'s value.
+    pub(crate) fn inc(&self, label: L, vec: &IntCounterVec, fixed: &[&str]) {
+        // In range by construction: `slots` has one entry per `L::ALL` and
+        // `index()` is a position in it (see `label_enum!`).
+        self.slots[label.index()]
+            .get_or_init(|| resolve(vec, fixed, &[label.as_str()]))
+            .inc();
+    }
+
+    /// Current value for `label` (0 if never incremented).
+    pub(crate) fn get(&self, label: L) -> u64 {
+        self.slots[label.index()].get().map_or(0, IntCounter::get)
+    }
+
+    /// Sum over every variant.
+    pub(crate) fn total(&self) -> u64 {
         self.slots
-            .get(i)
-            .and_then(OnceLock::get)
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(IntCounter::get)
+            .sum()
+    }
+}
+
+/// Like [`LabelCounters`] for two enum labels (`status_class` x `reason`).
+pub(crate) struct PairCounters<A: Label, B: Label> {
+    slots: Box<[OnceLock<IntCounter>]>,
+    _labels: PhantomData<(A, B)>,
+}
+
+impl<A: Label, B: Label> PairCounters<A, B> {
+    pub(crate) fn new() -> Self {
+        PairCounters {
+            slots: (0..A::ALL.len() * B::ALL.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            _labels: PhantomData,
+        }
+    }
+
+    fn slot(a: A, b: B) -> usize {
+        a.index() * B::ALL.len() + b.index()
+    }
+
+    /// Increments the counter of `(a, b)` after the `fixed` label values.
+    pub(crate) fn inc(&self, a: A, b: B, vec: &IntCounterVec, fixed: &[&str]) {
+        // In range: a < |A| and b < |B|, so a * |B| + b < |A| * |B|.
+        self.slots[Self::slot(a, b)]
+            .get_or_init(|| resolve(vec, fixed, &[a.as_str(), b.as_str()]))
+            .inc();
+    }
+
+    /// Current value of `(a, b)`.
+    pub(crate) fn get(&self, a: A, b: B) -> u64 {
+        self.slots[Self::slot(a, b)]
+            .get()
             .map_or(0, IntCounter::get)
     }
 
-    /// Increments slot `i`, resolving its labels on first use.
-    pub(crate) fn inc(&self, i: usize, vec: &IntCounterVec, labels: impl FnOnce() -> Vec<String>) {
-        if let Some(slot) = self.slots.get(i) {
-            slot.get_or_init(|| {
-                let l = labels();
-                let refs: Vec<&str> = l.iter().map(String::as_str).collect();
-                vec.with_label_values(&refs)
-            })
-            .inc();
-        }
+    /// Sum over every pair.
+    pub(crate) fn total(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(IntCounter::get)
+            .sum()
     }
+}
+
+fn resolve(vec: &IntCounterVec, fixed: &[&str], tail: &[&str]) -> IntCounter {
+    let labels: Vec<&str> = fixed.iter().chain(tail).copied().collect();
+    vec.with_label_values(&labels)
 }
 
 /// Histogram handles of one route.

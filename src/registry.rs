@@ -24,8 +24,10 @@ use prometheus::IntCounter;
 
 use crate::config::{Config, QueueDiscipline, RouteConfig, UpstreamConfig};
 use crate::error::Reason;
-use crate::metrics::{LazyCounters, Metrics, RouteHistograms};
+use crate::metrics::{LabelCounters, Metrics, PairCounters, RouteHistograms, StatusClass};
 use crate::proxy::admission::{Admission, AdmissionLimits, Discipline, GlobalLimit};
+use crate::proxy::outcome::TimeoutStage;
+use crate::proxy::retry::RetryLabel;
 use crate::proxy::retry::{Backoff, BudgetConfig, RetryBudget, RetryOn};
 use crate::proxy::router::Router;
 use crate::proxy::upstream::Upstream;
@@ -37,12 +39,12 @@ pub(crate) struct RouteState {
     pub budget: RetryBudget,
     pub hist: RouteHistograms,
     /// spillway_requests_total by (status class, reason).
-    pub requests: LazyCounters<{ 5 * Reason::COUNT }>,
-    pub rejections: LazyCounters<{ Reason::COUNT }>,
+    pub requests: PairCounters<StatusClass, Reason>,
+    pub rejections: LabelCounters<Reason>,
     /// spillway_timeouts_total by stage: queue, per_try, request, body.
-    pub timeouts: LazyCounters<4>,
+    pub timeouts: LabelCounters<TimeoutStage>,
     /// spillway_retries_total by cause label index (see `retry_cause_index`).
-    pub retries: LazyCounters<8>,
+    pub retries: LabelCounters<RetryLabel>,
     pub budget_exhausted: IntCounter,
     pub metrics: Arc<Metrics>,
     /// Who else uses this route name's metric series (see [`SeriesOwners`]).
@@ -77,9 +79,6 @@ fn release_key(live: &mut HashMap<String, usize>, key: &str) -> bool {
         None => false,
     }
 }
-
-/// Timeout stages, in `RouteState::timeouts` order.
-pub(crate) const TIMEOUT_STAGES: [&str; 4] = ["queue", "per_try", "request", "body"];
 
 /// A route as one config generation sees it.
 pub(crate) struct Route {
@@ -309,10 +308,10 @@ impl RouteState {
             admission: Admission::new(limits),
             budget: RetryBudget::new(budget),
             hist: RouteHistograms::new(metrics, name),
-            requests: LazyCounters::new(),
-            rejections: LazyCounters::new(),
-            timeouts: LazyCounters::new(),
-            retries: LazyCounters::new(),
+            requests: PairCounters::new(),
+            rejections: LabelCounters::new(),
+            timeouts: LabelCounters::new(),
+            retries: LabelCounters::new(),
             budget_exhausted: metrics
                 .retry_budget_exhausted_total
                 .with_label_values(&[name]),
@@ -325,47 +324,30 @@ impl RouteState {
 
     /// Counts one answered request.
     pub(crate) fn count_request(&self, status: u16, reason: Reason) {
-        let class = (status / 100).clamp(1, 5) as usize;
-        let idx = (class - 1) * Reason::COUNT + reason.index();
-        self.requests.inc(idx, &self.metrics.requests_total, || {
-            vec![
-                self.name.clone(),
-                format!("{class}xx"),
-                reason.as_str().to_string(),
-            ]
-        });
+        self.requests.inc(
+            StatusClass::of(status),
+            reason,
+            &self.metrics.requests_total,
+            &[&self.name],
+        );
     }
 
     /// Counts one local rejection.
     pub(crate) fn count_rejection(&self, reason: Reason) {
         self.rejections
-            .inc(reason.index(), &self.metrics.rejections_total, || {
-                vec![self.name.clone(), reason.as_str().to_string()]
-            });
+            .inc(reason, &self.metrics.rejections_total, &[&self.name]);
     }
 
-    /// Counts a timeout at a stage index of [`TIMEOUT_STAGES`].
-    pub(crate) fn count_timeout(&self, stage: usize) {
-        self.timeouts.inc(stage, &self.metrics.timeouts_total, || {
-            vec![self.name.clone(), TIMEOUT_STAGES[stage].to_string()]
-        });
+    /// Counts a timeout at a stage.
+    pub(crate) fn count_timeout(&self, stage: TimeoutStage) {
+        self.timeouts
+            .inc(stage, &self.metrics.timeouts_total, &[&self.name]);
     }
 
-    /// Counts a retry by its cause label.
-    pub(crate) fn count_retry(&self, cause: &'static str) {
-        let idx = match cause {
-            "connect" => 0,
-            "reset" => 1,
-            "timeout" => 2,
-            "502" => 3,
-            "503" => 4,
-            "504" => 5,
-            "5xx" => 6,
-            _ => 7,
-        };
-        self.retries.inc(idx, &self.metrics.retries_total, || {
-            vec![self.name.clone(), cause.to_string()]
-        });
+    /// Counts a retry by its cause.
+    pub(crate) fn count_retry(&self, cause: RetryLabel) {
+        self.retries
+            .inc(cause, &self.metrics.retries_total, &[&self.name]);
     }
 
     /// Publishes the admission gauges (called when /metrics is scraped, so the
@@ -568,8 +550,8 @@ mod tests {
         for r in &s1.routes {
             r.state.count_request(200, Reason::Upstream);
             r.state.count_rejection(Reason::QueueFull);
-            r.state.count_timeout(1);
-            r.state.count_retry("503");
+            r.state.count_timeout(TimeoutStage::PerTry);
+            r.state.count_retry(RetryLabel::Unavailable);
             r.state.hist.duration.observe(0.01);
             r.state.publish_gauges();
         }
@@ -616,7 +598,7 @@ mod tests {
             let u = &s.upstreams[0];
             u.count(
                 &u.pick_avoiding(None),
-                crate::proxy::upstream::OUTCOME_TIMEOUT,
+                crate::proxy::outcome::AttemptOutcome::Timeout,
             );
         };
         count(&s1);

@@ -19,19 +19,23 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::outcome::{find_client_fault, ClientBodyError, ClientFault};
+
 /// Body error type on both legs.
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// Why Spillway itself ended a body.
+/// Why Spillway itself ended a response body. (The client's request body
+/// fails with a [`ClientBodyError`] instead: that is the client's fault.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyError {
-    /// The request body crossed `max_request_body` while streaming.
-    TooLarge,
     /// No bytes for `response_body_idle`.
     IdleTimeout,
     /// The request deadline passed.
@@ -41,7 +45,6 @@ pub(crate) enum BodyError {
 impl fmt::Display for BodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BodyError::TooLarge => f.write_str("request body exceeds max_request_body"),
             BodyError::IdleTimeout => f.write_str("body idle timeout"),
             BodyError::RequestTimeout => f.write_str("request deadline passed"),
         }
@@ -49,18 +52,6 @@ impl fmt::Display for BodyError {
 }
 
 impl StdError for BodyError {}
-
-/// Finds a [`BodyError`] anywhere in an error's source chain.
-pub(crate) fn find_body_error(e: &(dyn StdError + 'static)) -> Option<BodyError> {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(b) = err.downcast_ref::<BodyError>() {
-            return Some(*b);
-        }
-        cur = err.source();
-    }
-    None
-}
 
 /// A lazily armed idle timer: it allocates only when a poll has to wait, so
 /// bodies that are ready at once pay nothing.
@@ -102,13 +93,28 @@ impl IdleTimer {
 
 // === RequestBody ===
 
-/// The client's request body, limited and idle-timed.
+/// The client's request body, limited and idle-timed. Every error it yields
+/// is a [`ClientBodyError`]: the client's fault, wherever it surfaces.
 pub(crate) struct RequestBody {
     inner: Incoming,
     limit: u64,
     seen: u64,
     timer: IdleTimer,
     failed: bool,
+    waiting: Option<Arc<ClientWait>>,
+}
+
+/// Whether a streamed request body is waiting for the client's bytes (its
+/// last poll found nothing), read when an attempt times out: a timeout while
+/// the body waits on the client is the client's, not the upstream's.
+#[derive(Default)]
+pub(crate) struct ClientWait(AtomicBool);
+
+impl ClientWait {
+    /// The body is waiting for the client and has not ended.
+    pub(crate) fn waiting(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl RequestBody {
@@ -119,7 +125,25 @@ impl RequestBody {
             seen: 0,
             timer: IdleTimer::new(idle),
             failed: false,
+            waiting: None,
         }
+    }
+
+    /// A handle telling whether this body is waiting for the client.
+    pub(crate) fn client_wait(&mut self) -> Arc<ClientWait> {
+        self.waiting.get_or_insert_with(Default::default).clone()
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        if let Some(w) = &self.waiting {
+            w.0.store(waiting, Ordering::Relaxed);
+        }
+    }
+
+    fn fail(&mut self, e: ClientBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.failed = true;
+        self.set_waiting(false);
+        Poll::Ready(Some(Err(Box::new(e))))
     }
 }
 
@@ -138,21 +162,24 @@ impl Body for RequestBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timer.progress();
+                this.set_waiting(false);
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
-                        this.failed = true;
-                        return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge))));
+                        return this.fail(ClientBodyError::new(ClientFault::TooLarge));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => this.fail(ClientBodyError::from_incoming(e)),
+            Poll::Ready(None) => {
+                this.set_waiting(false);
+                Poll::Ready(None)
+            }
             Poll::Pending => {
+                this.set_waiting(true);
                 ready!(this.timer.poll_expired(cx));
-                this.failed = true;
-                Poll::Ready(Some(Err(Box::new(BodyError::IdleTimeout))))
+                this.fail(ClientBodyError::new(ClientFault::Stalled))
             }
         }
     }
@@ -265,7 +292,11 @@ pub(crate) trait BodyGuard: Send + 'static {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BodyOutcome {
     Complete,
+    /// The upstream broke its response body.
     Error,
+    /// The client's request body failed while the response streamed (full
+    /// duplex): the client's fault.
+    Client(ClientFault),
     IdleTimeout,
     /// The request deadline (`timeouts.request`) passed while the body streamed.
     RequestTimeout,
@@ -366,7 +397,10 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    u.finish(BodyOutcome::Error);
+                    u.finish(match find_client_fault(e.as_ref()) {
+                        Some(fault) => BodyOutcome::Client(fault),
+                        None => BodyOutcome::Error,
+                    });
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {

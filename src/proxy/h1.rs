@@ -1063,8 +1063,12 @@ impl Body for H1Body {
         if let Some(s) = this.sender.as_mut() {
             match s.poll_send(&mut wire.io, cx) {
                 Poll::Ready(Err(e)) => {
-                    let msg = format!("request body: {e}");
-                    return this.abort(msg);
+                    // The client's body failed (full duplex): pass its error on
+                    // as it is, so the failure stays the client's.
+                    this.state = State::Done;
+                    this.wire = None;
+                    this.sender = None;
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(Ok(())) if s.done() && !s.broken => this.sender = None,
                 _ => {}

@@ -1,19 +1,27 @@
-//! The request pipeline. Stages, in the order [`forward`] applies them:
+//! The request pipeline. [`handle`] runs a request through its stages, each
+//! a function with a typed result, over one request context ([`Ctx`]):
 //!
 //! ```text
-//! listener -> router -> global cap -> admission (cap + bounded queue) -> breaker
-//!          -> retry loop [ per-try timeout -> upstream client (pool, p2c) ]
-//!          -> response body guard (holds permits until the last byte)
+//! listener -> router -> admit    deadline, size, route cap + queue, global cap
+//!                    -> prepare  headers, body replay buffer or stream
+//!                 +-> -> attempt  breaker ticket, per-try timeout, upstream call
+//!                 |   -> decide   outcome::decide: reply, breaker verdict, retry,
+//!                 +----           counters; retry_plan: policy, safety, budget
+//!                    -> respond  body guard holds the permits to the last byte
 //! ```
 //!
-//! Every local reply is a [`ProxyError`], counted and rendered in one place
-//! ([`local_reply`]). The request deadline is computed once at arrival.
+//! Failures are typed by the side they came from (see [`outcome`]): a
+//! client's fault never reaches the breaker and is never retried. Every
+//! local reply is a [`ProxyError`], rendered and counted in one place
+//! ([`Ledger::reply`]); a request whose client leaves first is counted
+//! `client_abort` when its future is dropped.
 
 pub mod admission;
 pub(crate) mod body;
 pub(crate) mod breaker;
 pub(crate) mod h1;
 pub(crate) mod headers;
+pub(crate) mod outcome;
 pub(crate) mod retry;
 pub(crate) mod router;
 pub(crate) mod timeout;
@@ -35,13 +43,18 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::error::{is_grpc, ProxyError, Reason};
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics};
 use crate::registry::{Route, RouteState, Snapshot};
 use crate::shutdown::{Phase, Shutdown, Tracker};
 use admission::{GlobalPermit, Permit, Rejected};
-use body::{BodyGuard, BodyOutcome, ProxyBody, RequestBody, RespBody, UpstreamBody};
-use retry::{safe_to_retry, RetryCause};
-use upstream::{EndpointLoad, UpstreamError, OUTCOME_TIMEOUT};
+use body::{BodyGuard, BodyOutcome, ClientWait, ProxyBody, RequestBody, RespBody, UpstreamBody};
+use breaker::BreakerTicket;
+use outcome::{
+    find_client_fault, AttemptError, AttemptErrorKind, AttemptOutcome, ClientFault, Decision,
+    Reply, TimeoutStage, Tried, Verdict,
+};
+use retry::safe_to_retry;
+use upstream::EndpointLoad;
 
 /// Everything the data path reads, shared by all connections.
 pub(crate) struct Shared {
@@ -110,83 +123,269 @@ pub(crate) async fn handle(
     let Some(route) = idx.and_then(|i| snap.routes.get(i)) else {
         shared.no_route.inc();
         shared.no_route_rejections.inc();
-        return ProxyError::new(Reason::NoRoute).into_response(grpc, None);
+        return local_body(ProxyError::new(Reason::NoRoute).into_response(grpc, None));
+    };
+    // From here the request is answered exactly once: by a local reply, by
+    // the upstream's response (its body guard), or as `client_abort` when
+    // the client leaves first and this future is dropped.
+    let mut ledger = Ledger {
+        state: route.state.clone(),
+        arrival,
+        open: true,
     };
     if shared.shutdown.phase() >= Phase::Stopping {
-        return local_reply(route, ProxyError::new(Reason::Draining), grpc, arrival);
+        return ledger.reply(ProxyError::new(Reason::Draining), grpc, route);
     }
-    match forward(req, conn, shared, &snap, route, arrival).await {
+    let ctx = Ctx::new(shared, &snap, route, conn, arrival, req.headers());
+    match forward(req, &ctx, &mut ledger).await {
         Ok(resp) => resp,
-        Err(e) => local_reply(route, e, grpc, arrival),
+        Err(e) => ledger.reply(e, grpc, route),
     }
 }
 
-/// Renders and counts a local reply: the one place where that happens.
-fn local_reply(route: &Route, e: ProxyError, grpc: bool, arrival: Instant) -> Response<ProxyBody> {
-    let state = &route.state;
-    let reason = e.reason;
-    let resp = e.into_response(grpc, route.config.fallback.as_ref());
-    state.count_request(resp.status().as_u16(), reason);
-    if !matches!(
-        reason,
-        Reason::UpstreamTimeout | Reason::UpstreamConnect | Reason::UpstreamReset
-    ) {
+// === the request context ===
+
+/// What every stage of one request reads.
+struct Ctx<'a> {
+    shared: &'a Shared,
+    snap: &'a Snapshot,
+    route: &'a Route,
+    conn: &'a ConnInfo,
+    /// The request deadline, computed once: `timeouts.request` capped by the
+    /// caller's `grpc-timeout`.
+    deadline: Instant,
+    /// The caller's `grpc-timeout` shortened the deadline: the upstream is
+    /// told what remains of it.
+    deadline_from_caller: bool,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(
+        shared: &'a Shared,
+        snap: &'a Snapshot,
+        route: &'a Route,
+        conn: &'a ConnInfo,
+        arrival: Instant,
+        headers: &http::HeaderMap,
+    ) -> Self {
+        let configured = route.config.timeouts.request.0;
+        let budget = match timeout::parse_grpc_timeout(headers) {
+            Some(g) => configured.min(g),
+            None => configured,
+        };
+        Ctx {
+            shared,
+            snap,
+            route,
+            conn,
+            deadline: arrival + budget,
+            deadline_from_caller: budget < configured,
+        }
+    }
+
+    fn state(&self) -> &Arc<RouteState> {
+        &self.route.state
+    }
+
+    /// A shed reply with the route's `shed` settings.
+    fn shed(&self, reason: Reason) -> ProxyError {
+        let shed = &self.route.config.shed;
+        ProxyError::shed(reason, shed.status, shed.retry_after.0)
+    }
+}
+
+/// The request's accounting, answered exactly once (see [`handle`]).
+struct Ledger {
+    state: Arc<RouteState>,
+    arrival: Instant,
+    /// Not answered yet: dropping it now means the client left.
+    open: bool,
+}
+
+impl Ledger {
+    /// Renders and counts a local reply: the one place where that happens.
+    fn reply(&mut self, e: ProxyError, grpc: bool, route: &Route) -> Response<ProxyBody> {
+        self.open = false;
+        let reason = e.reason;
+        let resp = e.into_response(grpc, route.config.fallback.as_ref());
+        self.record(resp.status().as_u16(), reason);
+        local_body(resp)
+    }
+
+    /// The response body's guard takes over the accounting.
+    fn hand_over(&mut self) -> (Arc<RouteState>, Instant) {
+        self.open = false;
+        (self.state.clone(), self.arrival)
+    }
+
+    fn record(&self, status: u16, reason: Reason) {
+        record(&self.state, self.arrival, status, reason);
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        if self.open {
+            // The client left (closed its connection, reset its stream) while
+            // the request was queued or at the upstream.
+            let (status, _, _) = ProxyError::new(Reason::ClientAbort).parts();
+            self.record(status.as_u16(), Reason::ClientAbort);
+        }
+    }
+}
+
+/// Counts one answered request and its duration.
+fn record(state: &RouteState, arrival: Instant, status: u16, reason: Reason) {
+    state.count_request(status, reason);
+    if reason.is_rejection() {
         state.count_rejection(reason);
     }
     let el = arrival.elapsed().as_secs_f64();
     state.hist.duration.observe(el);
     state.hist.total.observe(el);
-    resp
 }
 
-/// The stages, in order. Returns the upstream's response or a local reply.
+/// A local reply's bytes as the client's body.
+fn local_body(resp: Response<Bytes>) -> Response<ProxyBody> {
+    resp.map(|b| {
+        if b.is_empty() {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(b)
+        }
+    })
+}
+
+// === the stages ===
+
+/// The stages in order; a retry goes round attempt and decide again.
 async fn forward(
-    mut req: Request<Incoming>,
-    conn: &ConnInfo,
-    shared: &Shared,
-    snap: &Snapshot,
-    route: &Route,
-    arrival: Instant,
+    req: Request<Incoming>,
+    ctx: &Ctx<'_>,
+    ledger: &mut Ledger,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let cfg = &route.config;
-    let state = &route.state;
-    let shed = |reason| ProxyError::shed(reason, cfg.shed.status, cfg.shed.retry_after.0);
-
-    // Deadline, once: the route's request timeout capped by the caller's grpc-timeout.
-    let mut budget = cfg.timeouts.request.0;
-    if let Some(g) = timeout::parse_grpc_timeout(req.headers()) {
-        budget = budget.min(g);
+    let admitted = admit(ctx, req.headers()).await?;
+    let mut prep = prepare(ctx, req).await?;
+    let upstream = &ctx.route.upstream;
+    let failure_on = upstream
+        .config
+        .circuit_breaker
+        .as_ref()
+        .map(|b| b.failure_on);
+    let mut rng = fastrand::Rng::new();
+    let mut n: u32 = 0;
+    loop {
+        n += 1;
+        let attempt = attempt(ctx, &mut prep, n).await?;
+        let d = outcome::decide(attempt.tried(), failure_on);
+        if let Some(t) = attempt.ticket {
+            match d.breaker {
+                Verdict::Success => t.success(),
+                Verdict::Failure => t.failure(),
+                Verdict::Neutral => drop(t),
+            }
+        }
+        upstream.count(&attempt.ep, d.outcome);
+        if let Some(stage) = d.timeout {
+            ctx.state().count_timeout(stage);
+        }
+        let (reply, hint, unsent) = match attempt.ended {
+            Ended::Response(resp) => {
+                let hint = retry_after(resp.headers());
+                (Ok(resp), hint, false)
+            }
+            Ended::Failed(e) => {
+                tracing::debug!(route = %ctx.state().name, endpoint = attempt.ep.label(), side = ?e.side(), error = %upstream::error_chain(&e), attempt = n, "attempt failed");
+                (Err(local(d)), None, e.unsent())
+            }
+            Ended::TimedOut => (Err(local(d)), None, false),
+        };
+        match retry_plan(ctx, &prep, &d, n, hint, unsent, &mut rng) {
+            Some(delay) => {
+                drop(reply);
+                if !delay.is_zero() {
+                    Box::pin(tokio::time::sleep(delay)).await;
+                }
+            }
+            None => {
+                let resp = reply?;
+                return Ok(respond(ctx, resp, admitted, attempt.ep, &mut prep, ledger));
+            }
+        }
     }
-    let deadline = arrival + budget;
+}
 
+/// The local reply a decision names (only called for failed attempts).
+fn local(d: Decision) -> ProxyError {
+    match d.reply {
+        Reply::Local(reason) => ProxyError::new(reason),
+        // A failed attempt always decides a local reply; stay total anyway.
+        Reply::Upstream => ProxyError::new(Reason::UpstreamReset),
+    }
+}
+
+/// What admission grants: the route permit and the process-wide one.
+struct Admitted {
+    permit: Permit,
+    global: GlobalPermit,
+}
+
+/// Admit: size check by declaration, the route's cap and queue, then the
+/// process-wide cap. The global cap counts requests at upstreams only: an
+/// overloaded route's queue must not fill it and shed other routes.
+async fn admit(ctx: &Ctx<'_>, headers: &http::HeaderMap) -> Result<Admitted, ProxyError> {
+    let cfg = &ctx.route.config;
+    let state = ctx.state();
     // Too large by declaration: refuse before any queueing or upstream work.
-    let declared = content_length(req.headers());
-    if declared.is_some_and(|n| n > cfg.max_request_body.0) {
+    if content_length(headers).is_some_and(|n| n > cfg.max_request_body.0) {
         return Err(ProxyError::new(Reason::BodyTooLarge));
     }
-
-    // The route's cap and queue, then the process-wide cap. The global cap
-    // counts requests at upstreams only: an overloaded route's queue must not
-    // fill it and shed other routes (no cascade).
-    let admitted = match state.admission.acquire(Some(deadline)).await {
+    let admitted = match state.admission.acquire(Some(ctx.deadline)).await {
         Ok(a) => a,
-        Err(Rejected::QueueFull) => return Err(shed(Reason::QueueFull)),
+        Err(Rejected::QueueFull) => return Err(ctx.shed(Reason::QueueFull)),
         Err(Rejected::QueueTimeout) => {
-            state.count_timeout(0);
-            return Err(shed(Reason::QueueTimeout));
+            state.count_timeout(TimeoutStage::Queue);
+            return Err(ctx.shed(Reason::QueueTimeout));
         }
     };
-    let global = snap
+    let global = ctx
+        .snap
         .global
         .try_acquire()
-        .ok_or_else(|| shed(Reason::GlobalLimit))?;
+        .ok_or_else(|| ctx.shed(Reason::GlobalLimit))?;
     let waited = admitted.waited.as_secs_f64();
     state.hist.queue_wait.observe(waited);
     state.hist.queue.observe(waited);
+    Ok(Admitted {
+        permit: admitted.permit,
+        global,
+    })
+}
 
-    // Prepare the upstream request (hop-by-hop headers, forwarding headers).
+/// A request made ready for its attempts.
+struct Prepared {
+    /// Head of the request as the upstream gets it (taken by the last attempt).
+    parts: http::request::Parts,
+    body: UpstreamBody,
+    fwd: headers::Forwarded,
+    /// The request carries the route's idempotency key header.
+    has_key: bool,
+    /// Every attempt can send the whole request again.
+    replayable: bool,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Set for a streamed body: whether it waits for the client's bytes.
+    client_wait: Option<Arc<ClientWait>>,
+    /// The endpoint of the previous attempt (with several endpoints).
+    last_endpoint: Option<String>,
+}
+
+/// Prepare: hop-by-hop and forwarding headers, and the body — buffered for
+/// replay when retries are possible and it is small enough, else streamed.
+async fn prepare(ctx: &Ctx<'_>, mut req: Request<Incoming>) -> Result<Prepared, ProxyError> {
+    let cfg = &ctx.route.config;
     let upgrade = req.version() <= Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let declared = content_length(req.headers());
     let (mut parts, body) = req.into_parts();
     let original_host = match parts.headers.get(HOST) {
         Some(h) => Some(h.clone()),
@@ -202,8 +401,13 @@ async fn forward(
         }
     };
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    let fwd = headers::forwarded(&parts.headers, &conn.remote_ip, conn.https, original_host);
-    parts.version = match route.upstream.config.protocol {
+    let fwd = headers::forwarded(
+        &parts.headers,
+        &ctx.conn.remote_ip,
+        ctx.conn.https,
+        original_host,
+    );
+    parts.version = match ctx.route.upstream.config.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
     };
@@ -214,300 +418,256 @@ async fn forward(
         .as_ref()
         .is_some_and(|h| parts.headers.contains_key(h));
 
-    // Body: replayable when retries are possible and it is small enough; else streamed.
     let retries_on = cfg.retries.max_attempts > 1 && !upgrade;
-    let mut body = if body.is_end_stream() {
+    let mut client_wait = None;
+    let body = if body.is_end_stream() {
         UpstreamBody::Replay(None)
-    } else if retries_on && declared.is_some_and(|n| n <= cfg.retries.max_buffered_body.0) {
-        // Boxed: a rare path whose future would otherwise enlarge every request's.
-        match Box::pin(read_body(
-            RequestBody::new(
-                body,
-                cfg.max_request_body.0,
-                cfg.timeouts.response_body_idle.0,
-            ),
-            deadline,
-        ))
-        .await
-        {
-            Ok(b) => UpstreamBody::Replay(Some(b)),
-            Err(e) => {
-                if e.reason == Reason::ClientTimeout {
-                    state.count_timeout(3);
-                }
-                return Err(e);
-            }
-        }
     } else {
-        UpstreamBody::Stream(RequestBody::new(
+        let mut body = RequestBody::new(
             body,
             cfg.max_request_body.0,
             cfg.timeouts.response_body_idle.0,
-        ))
+        );
+        if retries_on && declared.is_some_and(|n| n <= cfg.retries.max_buffered_body.0) {
+            // Boxed: a rare path whose future would otherwise enlarge every request's.
+            match Box::pin(read_body(body, ctx.deadline)).await {
+                Ok(b) => UpstreamBody::Replay(Some(b)),
+                Err(fault) => return Err(client_fault(ctx, fault)),
+            }
+        } else {
+            client_wait = Some(body.client_wait());
+            UpstreamBody::Stream(body)
+        }
     };
     if retries_on {
-        state.budget.deposit();
+        ctx.state().budget.deposit();
     }
-
-    let upstream = &route.upstream;
-    let mut attempt: u32 = 0;
-    let mut rng = fastrand::Rng::new();
-    // The endpoint of the last failed attempt: a retry prefers another one.
-    let mut failed_endpoint: Option<String> = None;
-    loop {
-        attempt += 1;
-        let now = Instant::now();
-        if now >= deadline {
-            state.count_timeout(2);
-            return Err(ProxyError::new(Reason::UpstreamTimeout));
-        }
-        let ticket = match &upstream.breaker {
-            None => None,
-            Some(b) => match b.try_acquire() {
-                Ok(t) => Some(t),
-                Err(open) => {
-                    return Err(ProxyError::new(Reason::BreakerOpen).retry_after(open.retry_after))
-                }
-            },
-        };
-        let replayable = matches!(body, UpstreamBody::Replay(_));
-        let this_body = match &body {
-            UpstreamBody::Replay(b) => UpstreamBody::Replay(b.clone()),
-            _ => std::mem::replace(&mut body, UpstreamBody::Empty),
-        };
-        let mut up_parts = if replayable && attempt < cfg.retries.max_attempts {
-            clone_parts(&parts)
-        } else {
-            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
-        };
-        if budget < cfg.timeouts.request.0 || up_parts.headers.contains_key(&timeout::GRPC_TIMEOUT)
-        {
-            up_parts.headers.insert(
-                timeout::GRPC_TIMEOUT.clone(),
-                timeout::format_grpc_timeout(deadline - now),
-            );
-        }
-        let attempt_deadline = match cfg.timeouts.per_try {
-            Some(pt) => (now + pt.0).min(deadline),
-            None => deadline,
-        };
-        let ep = upstream.pick_avoiding(failed_endpoint.as_deref());
-        if upstream.endpoint_count() > 1 {
-            failed_endpoint = Some(ep.label().to_string());
-        }
-        let call = upstream.send(
-            &ep,
-            Request::from_parts(up_parts, this_body),
-            &fwd,
-            &state.hist.connect,
-        );
-        let result = tokio::time::timeout_at(attempt_deadline, call).await;
-        state
-            .hist
-            .upstream_headers
-            .observe(now.elapsed().as_secs_f64());
-        let failure_on = upstream
-            .config
-            .circuit_breaker
-            .as_ref()
-            .map(|b| b.failure_on);
-
-        let (cause, last): (
-            RetryCause,
-            Result<(hyper::Response<RespBody>, EndpointLoad), ProxyError>,
-        ) = match result {
-            Ok(Ok(mut resp)) => {
-                let status = resp.status();
-                let failed = status.is_server_error() && failure_on.is_some_and(|f| f.status_5xx);
-                if let Some(t) = ticket {
-                    if failed {
-                        t.failure()
-                    } else {
-                        t.success()
-                    }
-                }
-                let cause = RetryCause::Status(status.as_u16());
-                if !route.retry_on.matches(cause) || attempt >= cfg.retries.max_attempts {
-                    return Ok(respond(
-                        resp,
-                        state,
-                        admitted.permit,
-                        global,
-                        ep,
-                        arrival,
-                        deadline,
-                        cfg.timeouts.response_body_idle.0,
-                        client_upgrade,
-                        shared,
-                    ));
-                }
-                let retry_after = retry_after(resp.headers());
-                // Keep the response: if no retry happens it is returned as is.
-                resp.extensions_mut().insert(RetryAfterHint(retry_after));
-                (cause, Ok((resp, ep)))
-            }
-            Ok(Err(UpstreamError::Connect(msg))) => {
-                tracing::debug!(route = %state.name, endpoint = ep.label(), error = %msg, %attempt, "upstream connect failed");
-                if let Some(t) = ticket {
-                    if failure_on.is_some_and(|f| f.connect) {
-                        t.failure()
-                    } else {
-                        drop(t)
-                    }
-                }
-                (
-                    RetryCause::Connect,
-                    Err(ProxyError::new(Reason::UpstreamConnect)),
-                )
-            }
-            Ok(Err(UpstreamError::Reset(msg))) => {
-                tracing::debug!(route = %state.name, endpoint = ep.label(), error = %msg, %attempt, "upstream exchange failed");
-                if let Some(t) = ticket {
-                    if failure_on.is_some_and(|f| f.status_5xx) {
-                        t.failure()
-                    } else {
-                        drop(t)
-                    }
-                }
-                (
-                    RetryCause::Reset,
-                    Err(ProxyError::new(Reason::UpstreamReset)),
-                )
-            }
-            Ok(Err(UpstreamError::BodyTooLarge)) => {
-                return Err(ProxyError::new(Reason::BodyTooLarge))
-            }
-            Ok(Err(UpstreamError::ClientBody(msg))) => {
-                // The client stalled: its fault, not the upstream's.
-                tracing::debug!(route = %state.name, error = %msg, "client request body stalled");
-                state.count_timeout(3);
-                return Err(ProxyError::new(Reason::ClientTimeout));
-            }
-            Err(_elapsed) => {
-                upstream.count(&ep, OUTCOME_TIMEOUT);
-                if let Some(t) = ticket {
-                    if failure_on.is_some_and(|f| f.timeout) {
-                        t.failure()
-                    } else {
-                        drop(t)
-                    }
-                }
-                if attempt_deadline >= deadline {
-                    state.count_timeout(2);
-                    return Err(ProxyError::new(Reason::UpstreamTimeout));
-                }
-                state.count_timeout(1);
-                (
-                    RetryCause::Timeout,
-                    Err(ProxyError::new(Reason::UpstreamTimeout)),
-                )
-            }
-        };
-        // Retry? Only when configured, safe, replayable, within budget and deadline.
-        let method = &parts.method;
-        let can = attempt < cfg.retries.max_attempts
-            && route.retry_on.matches(cause)
-            && replayable
-            && safe_to_retry(method, cause, has_key);
-        let hint = match &last {
-            Ok((r, _)) => r.extensions().get::<RetryAfterHint>().and_then(|h| h.0),
-            Err(_) => None,
-        };
-        let delay = route.backoff.delay(attempt - 1, hint, &mut rng);
-        let in_time = Instant::now() + delay < deadline;
-        let breaker_open = upstream
-            .breaker
-            .as_ref()
-            .is_some_and(|b| b.state() == breaker::BreakerState::Open);
-        if !can || !in_time || breaker_open {
-            return finish_last(
-                last,
-                state,
-                admitted.permit,
-                global,
-                arrival,
-                deadline,
-                cfg.timeouts.response_body_idle.0,
-                shared,
-            );
-        }
-        if !state.budget.try_withdraw() {
-            state.budget_exhausted.inc();
-            return finish_last(
-                last,
-                state,
-                admitted.permit,
-                global,
-                arrival,
-                deadline,
-                cfg.timeouts.response_body_idle.0,
-                shared,
-            );
-        }
-        drop(last);
-        state.count_retry(cause.label());
-        tracing::debug!(route = %state.name, request_id = ?fwd.request_id().or(parts.headers.get(&headers::X_REQUEST_ID)), cause = cause.label(), ?delay, "retrying");
-        if !delay.is_zero() {
-            Box::pin(tokio::time::sleep(delay)).await;
-        }
-    }
+    Ok(Prepared {
+        replayable: matches!(body, UpstreamBody::Replay(_)),
+        parts,
+        body,
+        fwd,
+        has_key,
+        client_upgrade,
+        client_wait,
+        last_endpoint: None,
+    })
 }
 
-/// The last attempt's outcome when no retry follows.
-#[allow(clippy::too_many_arguments)]
-fn finish_last(
-    last: Result<(hyper::Response<RespBody>, EndpointLoad), ProxyError>,
-    state: &Arc<RouteState>,
-    permit: Permit,
-    global: GlobalPermit,
-    arrival: Instant,
-    deadline: Instant,
-    idle: Duration,
-    shared: &Shared,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let (resp, ep) = last?;
-    Ok(respond(
-        resp, state, permit, global, ep, arrival, deadline, idle, None, shared,
-    ))
+/// A client body failure found before any attempt: through the same table.
+fn client_fault(ctx: &Ctx<'_>, fault: ClientFault) -> ProxyError {
+    let d = outcome::decide(Tried::Failed(AttemptErrorKind::Client(fault)), None);
+    if let Some(stage) = d.timeout {
+        ctx.state().count_timeout(stage);
+    }
+    local(d)
 }
 
-/// Retry-After of a retryable response, carried to the backoff.
-#[derive(Clone, Copy)]
-struct RetryAfterHint(Option<Duration>);
+/// How an attempt ended.
+enum Ended {
+    Response(hyper::Response<RespBody>),
+    Failed(AttemptError),
+    TimedOut,
+}
 
-/// Builds the client's response around the upstream's; the guard holds the
-/// permits until the body ends. A `101` hands both sides to a tunnel task.
-#[allow(clippy::too_many_arguments)]
-fn respond(
-    mut resp: hyper::Response<RespBody>,
-    state: &Arc<RouteState>,
-    permit: Permit,
-    global: GlobalPermit,
+/// One attempt at an endpoint.
+struct Attempt {
+    ended: Ended,
     ep: EndpointLoad,
-    arrival: Instant,
-    deadline: Instant,
-    idle: Duration,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    shared: &Shared,
+    ticket: Option<BreakerTicket>,
+    /// The attempt's deadline was the request's.
+    last_chance: bool,
+    /// At the timeout, the streamed body was waiting for the client.
+    client_stalled: bool,
+}
+
+impl Attempt {
+    /// The view the classification table reads.
+    fn tried(&self) -> Tried {
+        match &self.ended {
+            Ended::Response(r) => Tried::Response(r.status().as_u16()),
+            Ended::Failed(e) => Tried::Failed(e.kind),
+            Ended::TimedOut => Tried::TimedOut {
+                request: self.last_chance,
+                client_stalled: self.client_stalled,
+            },
+        }
+    }
+}
+
+/// Attempt: a breaker ticket, the per-try deadline, an endpoint, the call.
+async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, ProxyError> {
+    let cfg = &ctx.route.config;
+    let upstream = &ctx.route.upstream;
+    let now = Instant::now();
+    if now >= ctx.deadline {
+        ctx.state().count_timeout(TimeoutStage::Request);
+        return Err(ProxyError::new(Reason::UpstreamTimeout));
+    }
+    let ticket = match &upstream.breaker {
+        None => None,
+        Some(b) => match b.try_acquire() {
+            Ok(t) => Some(t),
+            Err(open) => {
+                return Err(ProxyError::new(Reason::BreakerOpen).retry_after(open.retry_after))
+            }
+        },
+    };
+    let more_to_come = prep.replayable && n < cfg.retries.max_attempts;
+    let body = match &prep.body {
+        UpstreamBody::Replay(b) => UpstreamBody::Replay(b.clone()),
+        _ => std::mem::replace(&mut prep.body, UpstreamBody::Empty),
+    };
+    let mut parts = if more_to_come {
+        clone_parts(&prep.parts)
+    } else {
+        std::mem::replace(&mut prep.parts, Request::new(()).into_parts().0)
+    };
+    if ctx.deadline_from_caller || parts.headers.contains_key(&timeout::GRPC_TIMEOUT) {
+        parts.headers.insert(
+            timeout::GRPC_TIMEOUT.clone(),
+            timeout::format_grpc_timeout(ctx.deadline - now),
+        );
+    }
+    let attempt_deadline = match cfg.timeouts.per_try {
+        Some(pt) => (now + pt.0).min(ctx.deadline),
+        None => ctx.deadline,
+    };
+    // A retry prefers an endpoint other than the one that just failed.
+    let ep = upstream.pick_avoiding(prep.last_endpoint.as_deref());
+    let call = upstream.send(
+        &ep,
+        Request::from_parts(parts, body),
+        &prep.fwd,
+        &ctx.state().hist.connect,
+    );
+    // Dropped mid-call (the client left): the attempt counts as cancelled.
+    let watch = CancelWatch {
+        upstream,
+        ep: &ep,
+        armed: true,
+    };
+    let result = tokio::time::timeout_at(attempt_deadline, call).await;
+    watch.disarm();
+    ctx.state()
+        .hist
+        .upstream_headers
+        .observe(now.elapsed().as_secs_f64());
+    if upstream.endpoint_count() > 1 {
+        prep.last_endpoint = Some(ep.label().to_string());
+    }
+    let ended = match result {
+        Ok(Ok(resp)) => Ended::Response(resp),
+        Ok(Err(e)) => Ended::Failed(e),
+        Err(_elapsed) => Ended::TimedOut,
+    };
+    Ok(Attempt {
+        client_stalled: matches!(ended, Ended::TimedOut)
+            && prep.client_wait.as_ref().is_some_and(|w| w.waiting()),
+        ended,
+        ep,
+        ticket,
+        last_chance: attempt_deadline >= ctx.deadline,
+    })
+}
+
+/// Counts an attempt as `cancelled` if it is dropped before it ends.
+struct CancelWatch<'a> {
+    upstream: &'a upstream::Upstream,
+    ep: &'a EndpointLoad,
+    armed: bool,
+}
+
+impl CancelWatch<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelWatch<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.upstream.count(self.ep, AttemptOutcome::Cancelled);
+        }
+    }
+}
+
+/// Decide (retry half): the delay before another attempt, or `None` to
+/// answer with this one. Only when the table allows it, the route retries
+/// this cause, a retry cannot duplicate a side effect (an idempotent method,
+/// an idempotency key, or nothing of the request `unsent` upstream), the
+/// body can be sent again, the backoff fits the deadline, the breaker is not
+/// open and the budget allows it.
+#[allow(clippy::too_many_arguments)]
+fn retry_plan(
+    ctx: &Ctx<'_>,
+    prep: &Prepared,
+    d: &Decision,
+    n: u32,
+    hint: Option<Duration>,
+    unsent: bool,
+    rng: &mut fastrand::Rng,
+) -> Option<Duration> {
+    let cause = d.retry?;
+    let route = ctx.route;
+    if n >= route.config.retries.max_attempts
+        || !route.retry_on.matches(cause)
+        || !prep.replayable
+        || !(unsent || safe_to_retry(&prep.parts.method, cause, prep.has_key))
+    {
+        return None;
+    }
+    let delay = route.backoff.delay(n - 1, hint, rng);
+    if Instant::now() + delay >= ctx.deadline {
+        return None;
+    }
+    let breaker_open = route
+        .upstream
+        .breaker
+        .as_ref()
+        .is_some_and(|b| b.state() == breaker::BreakerState::Open);
+    if breaker_open {
+        return None;
+    }
+    let state = ctx.state();
+    if !state.budget.try_withdraw() {
+        state.budget_exhausted.inc();
+        return None;
+    }
+    state.count_retry(cause.label());
+    tracing::debug!(route = %state.name, request_id = ?prep.fwd.request_id().or(prep.parts.headers.get(&headers::X_REQUEST_ID)), cause = cause.label().as_str(), ?delay, "retrying");
+    Some(delay)
+}
+
+/// Respond: the client's response around the upstream's; the guard holds the
+/// permits until the body ends. A `101` hands both sides to a tunnel task.
+fn respond(
+    ctx: &Ctx<'_>,
+    mut resp: hyper::Response<RespBody>,
+    admitted: Admitted,
+    ep: EndpointLoad,
+    prep: &mut Prepared,
+    ledger: &mut Ledger,
 ) -> Response<ProxyBody> {
     let status = resp.status();
+    let (state, arrival) = ledger.hand_over();
     let guard = RequestGuard {
-        state: state.clone(),
-        _permit: permit,
-        _global: global,
+        state,
+        _permit: admitted.permit,
+        _global: admitted.global,
         _endpoint: ep,
         arrival,
         status: status.as_u16(),
     };
-    resp.extensions_mut().remove::<RetryAfterHint>();
+    let idle = ctx.route.config.timeouts.response_body_idle.0;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_side = match resp.body_mut() {
             RespBody::H1(b) => b.take_upgraded(),
             RespBody::Hyper(_) => None,
         };
-        if let (Some(client), Some(upstream_side)) = (client_upgrade, upstream_side) {
-            let tracked = shared.tunnels.track();
-            let shutdown = shared.shutdown.clone();
+        if let (Some(client), Some(upstream_side)) = (prep.client_upgrade.take(), upstream_side) {
+            let tracked = ctx.shared.tunnels.track();
+            let shutdown = ctx.shared.shutdown.clone();
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             // Owned by the tunnel tracker (drain waits for it); ends when either
@@ -534,7 +694,7 @@ fn respond(
     headers::strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(
         parts,
-        ProxyBody::upstream(body, Box::new(guard), idle, deadline),
+        ProxyBody::upstream(body, Box::new(guard), idle, ctx.deadline),
     )
 }
 
@@ -566,15 +726,31 @@ struct RequestGuard {
 
 impl BodyGuard for RequestGuard {
     fn finish(self: Box<Self>, outcome: BodyOutcome) {
-        let el = self.arrival.elapsed().as_secs_f64();
-        self.state.hist.duration.observe(el);
-        self.state.hist.total.observe(el);
-        self.state.count_request(self.status, Reason::Upstream);
-        match outcome {
-            BodyOutcome::IdleTimeout => self.state.count_timeout(3),
-            BodyOutcome::RequestTimeout => self.state.count_timeout(2),
-            _ => {}
-        }
+        let (status, reason) = match outcome {
+            BodyOutcome::Complete | BodyOutcome::Error => (self.status, Reason::Upstream),
+            BodyOutcome::IdleTimeout => {
+                self.state.count_timeout(TimeoutStage::Body);
+                (self.status, Reason::Upstream)
+            }
+            BodyOutcome::RequestTimeout => {
+                self.state.count_timeout(TimeoutStage::Request);
+                (self.status, Reason::Upstream)
+            }
+            // The client's body failed while the response streamed, or the
+            // client left before the end: the client's, whatever the status.
+            BodyOutcome::Client(fault) => {
+                if fault == ClientFault::Stalled {
+                    self.state.count_timeout(TimeoutStage::Body);
+                }
+                let reason = fault.reason();
+                (ProxyError::new(reason).parts().0.as_u16(), reason)
+            }
+            BodyOutcome::Dropped => {
+                let reason = Reason::ClientAbort;
+                (ProxyError::new(reason).parts().0.as_u16(), reason)
+            }
+        };
+        record(&self.state, self.arrival, status, reason);
     }
 }
 
@@ -603,14 +779,11 @@ fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
 }
 
 /// Reads a small declared-length body for replay, within the request deadline.
-async fn read_body(body: RequestBody, deadline: Instant) -> Result<Bytes, ProxyError> {
+async fn read_body(body: RequestBody, deadline: Instant) -> Result<Bytes, ClientFault> {
     match tokio::time::timeout_at(deadline, body.collect()).await {
         Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) => Err(match body::find_body_error(e.as_ref()) {
-            Some(body::BodyError::TooLarge) => ProxyError::new(Reason::BodyTooLarge),
-            // Stalled, or its connection broke while sending: the client's side.
-            _ => ProxyError::new(Reason::ClientTimeout),
-        }),
-        Err(_) => Err(ProxyError::new(Reason::ClientTimeout)),
+        // Every error of a RequestBody is the client's.
+        Ok(Err(e)) => Err(find_client_fault(e.as_ref()).unwrap_or(ClientFault::Gone)),
+        Err(_) => Err(ClientFault::Stalled),
     }
 }

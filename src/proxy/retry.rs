@@ -217,19 +217,33 @@ impl BudgetInner {
 
 // === impl RetryCause ===
 
+crate::metrics::label_enum! {
+    /// `cause` of `spillway_retries_total`: statuses other than 502/503/504
+    /// fold into `5xx` or `status` so the label set stays bounded.
+    pub(crate) enum RetryLabel {
+        Connect => "connect",
+        Reset => "reset",
+        Timeout => "timeout",
+        BadGateway => "502",
+        Unavailable => "503",
+        GatewayTimeout => "504",
+        OtherServerError => "5xx",
+        OtherStatus => "status",
+    }
+}
+
 impl RetryCause {
-    /// Metric label; statuses other than 502/503/504 fold into "5xx" or
-    /// "status" so the label set stays bounded.
-    pub(crate) fn label(&self) -> &'static str {
+    /// The metric label of this cause.
+    pub(crate) fn label(&self) -> RetryLabel {
         match self {
-            RetryCause::Connect => "connect",
-            RetryCause::Reset => "reset",
-            RetryCause::Timeout => "timeout",
-            RetryCause::Status(502) => "502",
-            RetryCause::Status(503) => "503",
-            RetryCause::Status(504) => "504",
-            RetryCause::Status(500..=599) => "5xx",
-            RetryCause::Status(_) => "status",
+            RetryCause::Connect => RetryLabel::Connect,
+            RetryCause::Reset => RetryLabel::Reset,
+            RetryCause::Timeout => RetryLabel::Timeout,
+            RetryCause::Status(502) => RetryLabel::BadGateway,
+            RetryCause::Status(503) => RetryLabel::Unavailable,
+            RetryCause::Status(504) => RetryLabel::GatewayTimeout,
+            RetryCause::Status(500..=599) => RetryLabel::OtherServerError,
+            RetryCause::Status(_) => RetryLabel::OtherStatus,
         }
     }
 }
@@ -272,6 +286,7 @@ pub(crate) fn safe_to_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Label;
     use http::Method;
     use tokio::time::advance;
 
@@ -511,14 +526,14 @@ mod tests {
 
     #[test]
     fn cause_labels() {
-        assert_eq!(RetryCause::Connect.label(), "connect");
-        assert_eq!(RetryCause::Reset.label(), "reset");
-        assert_eq!(RetryCause::Timeout.label(), "timeout");
-        assert_eq!(RetryCause::Status(502).label(), "502");
-        assert_eq!(RetryCause::Status(503).label(), "503");
-        assert_eq!(RetryCause::Status(504).label(), "504");
-        assert_eq!(RetryCause::Status(500).label(), "5xx");
-        assert_eq!(RetryCause::Status(429).label(), "status");
+        assert_eq!(RetryCause::Connect.label().as_str(), "connect");
+        assert_eq!(RetryCause::Reset.label().as_str(), "reset");
+        assert_eq!(RetryCause::Timeout.label().as_str(), "timeout");
+        assert_eq!(RetryCause::Status(502).label().as_str(), "502");
+        assert_eq!(RetryCause::Status(503).label().as_str(), "503");
+        assert_eq!(RetryCause::Status(504).label().as_str(), "504");
+        assert_eq!(RetryCause::Status(500).label().as_str(), "5xx");
+        assert_eq!(RetryCause::Status(429).label().as_str(), "status");
     }
 
     #[test]

@@ -24,12 +24,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::Service;
 
-use super::body::{find_body_error, BodyError, RespBody, UpstreamBody};
+use super::body::{RespBody, UpstreamBody};
 use super::breaker::{Breaker, BreakerConfig, BreakerState, FailureRate};
 use super::h1;
 use super::headers::Forwarded;
+use super::outcome::{AttemptError, AttemptErrorKind, AttemptOutcome};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::metrics::{LazyCounters, Metrics};
+use crate::metrics::{LabelCounters, Metrics};
 use crate::server::tls::TlsClient;
 
 tokio::task_local! {
@@ -37,21 +38,6 @@ tokio::task_local! {
     /// connector (which knows nothing of routes) can time the TCP connect.
     pub(crate) static CONNECT_STAGE: Histogram;
 }
-
-/// Outcome labels of `spillway_upstream_requests_total`.
-pub(crate) const OUTCOMES: [&str; 8] = [
-    "1xx",
-    "2xx",
-    "3xx",
-    "4xx",
-    "5xx",
-    "connect_error",
-    "reset",
-    "timeout",
-];
-pub(crate) const OUTCOME_CONNECT: usize = 5;
-pub(crate) const OUTCOME_RESET: usize = 6;
-pub(crate) const OUTCOME_TIMEOUT: usize = 7;
 
 /// An upstream and its state.
 pub(crate) struct Upstream {
@@ -76,7 +62,7 @@ pub(crate) struct Endpoint {
     /// Idle HTTP/1.1 connections.
     pool: Arc<h1::Pool>,
     in_flight: AtomicUsize,
-    outcomes: LazyCounters<8>,
+    outcomes: LabelCounters<AttemptOutcome>,
 }
 
 /// A request made ready for the wire by [`Upstream::send`].
@@ -91,19 +77,6 @@ enum Prepared {
 
 /// Held while an attempt (and then its response body) is using an endpoint.
 pub(crate) struct EndpointLoad(Arc<Endpoint>);
-
-/// Why an attempt failed before response headers.
-#[derive(Debug)]
-pub(crate) enum UpstreamError {
-    /// No connection could be made: nothing reached the upstream.
-    Connect(String),
-    /// The connection broke before a response arrived.
-    Reset(String),
-    /// The client's request body broke the route's limit while streaming.
-    BodyTooLarge,
-    /// The client's request body stalled or failed.
-    ClientBody(String),
-}
 
 /// TCP connector, plus a TLS handshake when the upstream has `tls:`; times
 /// the connect (handshake included) for the route that triggered it. A
@@ -168,7 +141,7 @@ impl Upstream {
                         config.pool.idle_timeout.0,
                     )),
                     in_flight: AtomicUsize::new(0),
-                    outcomes: LazyCounters::new(),
+                    outcomes: LabelCounters::new(),
                 }))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -279,7 +252,7 @@ impl Upstream {
         mut req: Request<UpstreamBody>,
         fwd: &Forwarded,
         connect_stage: &'a Histogram,
-    ) -> impl std::future::Future<Output = Result<Response<RespBody>, UpstreamError>> + Send + 'a
+    ) -> impl std::future::Future<Output = Result<Response<RespBody>, AttemptError>> + Send + 'a
     {
         let prepared = match &self.client {
             Some(_) => {
@@ -305,7 +278,7 @@ impl Upstream {
         async move {
             // Matched by value (no tuple): the prepared request is not
             // copied again into the future's state.
-            let result = match prepared {
+            match prepared {
                 Prepared::H1 { head, method, body } => {
                     self.send_h1(ep, head, method, body, connect_stage).await
                 }
@@ -318,19 +291,9 @@ impl Upstream {
                         let call = self.send_h2(client, ep, *req);
                         Box::pin(CONNECT_STAGE.scope(connect_stage.clone(), call)).await
                     }
-                    None => Err(UpstreamError::Connect("no HTTP/2 client".into())),
+                    None => Err(AttemptError::connect("no HTTP/2 client")),
                 },
-            };
-            match &result {
-                Ok(resp) => {
-                    let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-                    self.count(ep, class);
-                }
-                Err(UpstreamError::Connect(_)) => self.count(ep, OUTCOME_CONNECT),
-                Err(UpstreamError::Reset(_)) => self.count(ep, OUTCOME_RESET),
-                Err(_) => {}
             }
-            result
         }
     }
 
@@ -342,7 +305,7 @@ impl Upstream {
         method: Method,
         mut body: UpstreamBody,
         connect_stage: &Histogram,
-    ) -> Result<Response<RespBody>, UpstreamError> {
+    ) -> Result<Response<RespBody>, AttemptError> {
         let pool = &ep.0.pool;
         // A pooled connection the upstream closed meanwhile costs one more try.
         let mut fresh_only = false;
@@ -362,13 +325,11 @@ impl Upstream {
                     body = returned;
                     fresh_only = true;
                 }
-                Err(h1::Error::Reset(msg)) => return Err(UpstreamError::Reset(msg)),
+                Err(h1::Error::Reset(msg)) => return Err(AttemptError::reset(msg)),
+                // The request body is only ever the client's (or replay bytes,
+                // which cannot fail): classified by the error it carries.
                 Err(h1::Error::Body(e)) => {
-                    return Err(match find_body_error(e.as_ref()) {
-                        Some(BodyError::TooLarge) => UpstreamError::BodyTooLarge,
-                        Some(_) => UpstreamError::ClientBody("request body idle timeout".into()),
-                        None => UpstreamError::Reset(format!("request body: {e}")),
-                    })
+                    return Err(AttemptError::classify(e, AttemptErrorKind::Reset))
                 }
             }
         }
@@ -379,7 +340,7 @@ impl Upstream {
         &self,
         ep: &EndpointLoad,
         connect_stage: &Histogram,
-    ) -> Result<UpstreamIo, UpstreamError> {
+    ) -> Result<UpstreamIo, AttemptError> {
         let start = Instant::now();
         let scheme = if self.config.tls.is_some() {
             "https"
@@ -388,13 +349,13 @@ impl Upstream {
         };
         let uri: Uri = format!("{scheme}://{}/", ep.0.authority)
             .parse()
-            .map_err(|e: http::uri::InvalidUri| UpstreamError::Connect(e.to_string()))?;
+            .map_err(AttemptError::connect)?;
         let mut connector = self.connector.clone();
         let result = connector.call(uri).await;
         connect_stage.observe(start.elapsed().as_secs_f64());
         match result {
             Ok(io) => Ok(io.into_inner()),
-            Err(e) => Err(UpstreamError::Connect(error_chain(e.as_ref()))),
+            Err(e) => Err(AttemptError::connect(e)),
         }
     }
 
@@ -404,7 +365,7 @@ impl Upstream {
         client: &Client<Connector, UpstreamBody>,
         ep: &EndpointLoad,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<RespBody>, UpstreamError> {
+    ) -> Result<Response<RespBody>, AttemptError> {
         let path = req.uri().path_and_query().cloned();
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(if self.config.tls.is_some() {
@@ -414,38 +375,28 @@ impl Upstream {
         });
         parts.authority = Some(ep.0.authority.clone());
         parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
-        *req.uri_mut() =
-            Uri::from_parts(parts).map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        *req.uri_mut() = Uri::from_parts(parts).map_err(AttemptError::connect)?;
         match client.request(req).await {
             Ok(resp) => Ok(resp.map(RespBody::Hyper)),
             Err(e) => {
-                if let Some(b) = find_body_error(&e) {
-                    return Err(match b {
-                        BodyError::TooLarge => UpstreamError::BodyTooLarge,
-                        BodyError::IdleTimeout | BodyError::RequestTimeout => {
-                            UpstreamError::ClientBody("request body idle timeout".into())
-                        }
-                    });
-                }
-                if e.is_connect() {
-                    Err(UpstreamError::Connect(error_chain(&e)))
+                // A client body failure travels inside hyper's error chain.
+                let otherwise = if e.is_connect() {
+                    AttemptErrorKind::Connect
                 } else {
-                    Err(UpstreamError::Reset(error_chain(&e)))
-                }
+                    AttemptErrorKind::Reset
+                };
+                Err(AttemptError::classify(Box::new(e), otherwise))
             }
         }
     }
 
-    /// Counts an outcome for an endpoint.
-    pub(crate) fn count(&self, ep: &EndpointLoad, outcome: usize) {
-        ep.0.outcomes
-            .inc(outcome, &self.metrics.upstream_requests_total, || {
-                vec![
-                    self.name.clone(),
-                    ep.0.label.clone(),
-                    OUTCOMES[outcome].to_string(),
-                ]
-            });
+    /// Counts how an attempt at an endpoint ended.
+    pub(crate) fn count(&self, ep: &EndpointLoad, outcome: AttemptOutcome) {
+        ep.0.outcomes.inc(
+            outcome,
+            &self.metrics.upstream_requests_total,
+            &[&self.name, &ep.0.label],
+        );
     }
 }
 
