@@ -1252,3 +1252,86 @@ fn check_validates_upstream_tls_files() {
     assert!(t.contains("upstreams.app.tls.client_key"), "{t}");
     assert!(t.contains("3 problems"), "{t}");
 }
+
+// ---------------------------------------------------------------------------
+// Blame: a TLS client gone mid-upload is the client's
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_gone_mid_upload_never_opens_the_breaker() {
+    within(60, "test", async {
+        use tokio::io::AsyncWriteExt;
+        let ca = Ca::new("test CA");
+        let leaf = ca.leaf("proxy", &["localhost"], 31);
+        let files = ListenerFiles::new(&leaf, None);
+        let fake = FakeUpstream::with_handler(|req, _ctx| async move {
+            let _ = req.into_body().collect().await;
+            Ok(reply::ok())
+        })
+        .await;
+        let yaml = yaml_with(
+            &files.yaml(&[]),
+            &upstream_yaml(
+                "app",
+                fake.addr(),
+                "    circuit_breaker:\n      failure_threshold: 3\n",
+            ),
+            &all_route("app"),
+        );
+        let h = ProxyHarness::start(&yaml).await;
+        let opts = ClientOpts::trusting(&ca);
+        for i in 0..5u64 {
+            let mut tls = tls_stream(h.addr(), &opts).await.expect("tls connect");
+            tls.write_all(
+                b"POST /up HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4194304\r\n\r\n",
+            )
+            .await
+            .expect("head");
+            tls.write_all(&vec![b'x'; 128 * 1024]).await.expect("body");
+            tls.flush().await.expect("flush");
+            fake.wait_hits(i + 1).await;
+            if i % 2 == 0 {
+                // A clean TLS close_notify, then the TCP close.
+                let _ = tls.shutdown().await;
+            }
+            drop(tls);
+            let want = (i + 1) as f64;
+            within(30, "client_abort counted", async {
+                while metric(
+                    &h,
+                    "spillway_requests_total",
+                    &[("route", "all"), ("reason", "client_abort")],
+                )
+                .await
+                    < want
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+        let m = h.metrics().await;
+        assert_eq!(
+            m.value(
+                "spillway_circuit_state",
+                &[("upstream", "app"), ("state", "closed")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.value(
+                "spillway_upstream_requests_total",
+                &[("upstream", "app"), ("outcome", "cancelled")]
+            ),
+            Some(5.0)
+        );
+        assert!(m
+            .find("spillway_requests_total", &[])
+            .iter()
+            .all(|s| !s.label("reason").unwrap_or("").starts_with("upstream_")));
+        let mut c = TlsConn::open(h.addr(), &opts).await.expect("connect");
+        let (status, _, _, _) = c.get("/after", &[]).await.expect("get");
+        assert_eq!(status, StatusCode::OK);
+    })
+    .await;
+}

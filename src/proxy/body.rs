@@ -322,6 +322,11 @@ struct UpstreamResponse {
     /// The whole exchange must end by the request deadline.
     deadline: Instant,
     deadline_sleep: Option<Pin<Box<Sleep>>>,
+    /// The body's declared length, and how much of it the client has been
+    /// given: a codec may drop a body once its length is written without
+    /// polling for the end, which is a complete response, not a client abort.
+    expected: Option<u64>,
+    delivered: u64,
 }
 
 impl UpstreamResponse {
@@ -334,7 +339,12 @@ impl UpstreamResponse {
 
 impl Drop for UpstreamResponse {
     fn drop(&mut self) {
-        self.finish(BodyOutcome::Dropped);
+        let complete = self.expected.is_some_and(|n| self.delivered >= n);
+        self.finish(if complete {
+            BodyOutcome::Complete
+        } else {
+            BodyOutcome::Dropped
+        });
     }
 }
 
@@ -362,7 +372,10 @@ impl ProxyBody {
             timer: IdleTimer::new(idle),
             deadline,
             deadline_sleep: None,
+            expected: None,
+            delivered: 0,
         };
+        resp.expected = resp.inner.size_hint().exact();
         if resp.inner.is_end_stream() {
             // An empty body (204, HEAD, ...) is never polled: release at once.
             resp.finish(BodyOutcome::Complete);
@@ -391,6 +404,9 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     u.timer.progress();
+                    if let Some(d) = frame.data_ref() {
+                        u.delivered += d.len() as u64;
+                    }
                     if u.inner.is_end_stream() {
                         u.finish(BodyOutcome::Complete);
                     }

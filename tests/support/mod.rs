@@ -1500,6 +1500,14 @@ impl RawConn {
         }
     }
 
+    /// Wraps a stream the test already wrote to.
+    pub fn from_stream(stream: TcpStream) -> RawConn {
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     /// Writes all of `bytes`.
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("raw write");
