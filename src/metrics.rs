@@ -201,19 +201,44 @@ impl StatusClass {
     }
 }
 
-/// One lazily resolved counter per variant of `L`, for one counter family
-/// whose other labels (route, upstream, ...) are fixed: `with_label_values`
-/// runs at most once per variant, and variants that never happen export no
-/// zero series.
+/// Lazily resolved counters of one family, one per slot: `with_label_values`
+/// runs at most once per slot, and slots never incremented export no series.
+struct Slots(Box<[OnceLock<IntCounter>]>);
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Slots((0..n).map(|_| OnceLock::new()).collect())
+    }
+
+    /// Increments slot `i`; callers prove `i` is in range (see the types below).
+    fn inc(&self, i: usize, labels: impl FnOnce() -> IntCounter) {
+        self.0[i].get_or_init(labels).inc();
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        self.0[i].get().map_or(0, IntCounter::get)
+    }
+
+    fn total(&self) -> u64 {
+        self.0
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(IntCounter::get)
+            .sum()
+    }
+}
+
+/// One counter per variant of `L`, for one counter family whose other
+/// labels (route, upstream, ...) are fixed.
 pub(crate) struct LabelCounters<L: Label> {
-    slots: Box<[OnceLock<IntCounter>]>,
+    slots: Slots,
     _label: PhantomData<L>,
 }
 
 impl<L: Label> LabelCounters<L> {
     pub(crate) fn new() -> Self {
         LabelCounters {
-            slots: L::ALL.iter().map(|_| OnceLock::new()).collect(),
+            slots: Slots::new(L::ALL.len()),
             _label: PhantomData,
         }
     }
@@ -221,70 +246,57 @@ impl<L: Label> LabelCounters<L> {
     /// Increments the counter of `label`; `fixed` are the family's other
     /// label values, in order, followed by `label`'s value.
     pub(crate) fn inc(&self, label: L, vec: &IntCounterVec, fixed: &[&str]) {
-        // In range by construction: `slots` has one entry per `L::ALL` and
-        // `index()` is a position in it (see `label_enum!`).
-        self.slots[label.index()]
-            .get_or_init(|| resolve(vec, fixed, &[label.as_str()]))
-            .inc();
+        // In range by construction: one slot per `L::ALL`, and `index()` is a
+        // position in it (see `label_enum!`).
+        self.slots
+            .inc(label.index(), || resolve(vec, fixed, &[label.as_str()]));
     }
 
     /// Current value for `label` (0 if never incremented).
     pub(crate) fn get(&self, label: L) -> u64 {
-        self.slots[label.index()].get().map_or(0, IntCounter::get)
+        self.slots.get(label.index())
     }
 
     /// Sum over every variant.
     pub(crate) fn total(&self) -> u64 {
-        self.slots
-            .iter()
-            .filter_map(OnceLock::get)
-            .map(IntCounter::get)
-            .sum()
+        self.slots.total()
     }
 }
 
 /// Like [`LabelCounters`] for two enum labels (`status_class` x `reason`).
 pub(crate) struct PairCounters<A: Label, B: Label> {
-    slots: Box<[OnceLock<IntCounter>]>,
+    slots: Slots,
     _labels: PhantomData<(A, B)>,
 }
 
 impl<A: Label, B: Label> PairCounters<A, B> {
     pub(crate) fn new() -> Self {
         PairCounters {
-            slots: (0..A::ALL.len() * B::ALL.len())
-                .map(|_| OnceLock::new())
-                .collect(),
+            slots: Slots::new(A::ALL.len() * B::ALL.len()),
             _labels: PhantomData,
         }
     }
 
+    /// In range: a < |A| and b < |B|, so a * |B| + b < |A| * |B|.
     fn slot(a: A, b: B) -> usize {
         a.index() * B::ALL.len() + b.index()
     }
 
     /// Increments the counter of `(a, b)` after the `fixed` label values.
     pub(crate) fn inc(&self, a: A, b: B, vec: &IntCounterVec, fixed: &[&str]) {
-        // In range: a < |A| and b < |B|, so a * |B| + b < |A| * |B|.
-        self.slots[Self::slot(a, b)]
-            .get_or_init(|| resolve(vec, fixed, &[a.as_str(), b.as_str()]))
-            .inc();
+        self.slots.inc(Self::slot(a, b), || {
+            resolve(vec, fixed, &[a.as_str(), b.as_str()])
+        });
     }
 
     /// Current value of `(a, b)`.
     pub(crate) fn get(&self, a: A, b: B) -> u64 {
-        self.slots[Self::slot(a, b)]
-            .get()
-            .map_or(0, IntCounter::get)
+        self.slots.get(Self::slot(a, b))
     }
 
     /// Sum over every pair.
     pub(crate) fn total(&self) -> u64 {
-        self.slots
-            .iter()
-            .filter_map(OnceLock::get)
-            .map(IntCounter::get)
-            .sum()
+        self.slots.total()
     }
 }
 

@@ -153,27 +153,28 @@ fn post_head(path: &str, framing: &str) -> String {
     format!("POST {path} HTTP/1.1\r\nhost: test\r\n{framing}\r\n")
 }
 
-/// Waits until the upstream has seen `n` requests (the upload reached it).
-async fn reached(up: &FakeUpstream, n: u64) {
-    up.wait_hits(n).await;
+/// Sends `REPEAT` requests (`head` + `body`) that each reach the upstream,
+/// then closes each connection, with a FIN and with a reset in turn, and
+/// waits for each to be counted `client_abort`.
+async fn leave_repeatedly(h: &ProxyHarness, up: &FakeUpstream, head: &str, body: &[u8]) {
+    for i in 0..REPEAT {
+        let s = upload(h, head, body).await;
+        up.wait_hits(i as u64 + 1).await;
+        if i % 2 == 0 {
+            drop(s);
+        } else {
+            reset(s);
+        }
+        wait_reason(h, "stream", "client_abort", i + 1).await;
+    }
 }
 
 #[tokio::test]
 async fn aborted_large_uploads_are_the_clients() {
     let up = reading_upstream().await;
     let h = ProxyHarness::start(&config(up.addr(), "")).await;
-    let chunk = vec![b'x'; 256 * 1024];
-    for i in 0..REPEAT {
-        let head = post_head("/stream/up", "content-length: 4194304\r\n");
-        let s = upload(&h, &head, &chunk).await;
-        reached(&up, i as u64 + 1).await;
-        if i % 2 == 0 {
-            drop(s); // FIN
-        } else {
-            reset(s);
-        }
-        wait_reason(&h, "stream", "client_abort", i + 1).await;
-    }
+    let head = post_head("/stream/up", "content-length: 4194304\r\n");
+    leave_repeatedly(&h, &up, &head, &vec![b'x'; 256 * 1024]).await;
     assert_clients_blamed(&h, "stream", REPEAT).await;
 }
 
@@ -187,17 +188,8 @@ async fn aborted_chunked_uploads_are_the_clients() {
         chunks.extend_from_slice(&[b'y'; 0x4000]);
         chunks.extend_from_slice(b"\r\n");
     }
-    for i in 0..REPEAT {
-        let head = post_head("/stream/up", "transfer-encoding: chunked\r\n");
-        let s = upload(&h, &head, &chunks).await;
-        reached(&up, i as u64 + 1).await;
-        if i % 2 == 0 {
-            drop(s);
-        } else {
-            reset(s);
-        }
-        wait_reason(&h, "stream", "client_abort", i + 1).await;
-    }
+    let head = post_head("/stream/up", "transfer-encoding: chunked\r\n");
+    leave_repeatedly(&h, &up, &head, &chunks).await;
     assert_clients_blamed(&h, "stream", REPEAT).await;
 }
 
@@ -230,17 +222,8 @@ async fn malformed_chunk_sizes_are_bad_requests() {
 async fn short_bodies_then_close_are_client_aborts_streamed_and_buffered() {
     let up = reading_upstream().await;
     let h = ProxyHarness::start(&config(up.addr(), "")).await;
-    for i in 0..REPEAT {
-        let s = upload(
-            &h,
-            &post_head("/stream/short", "content-length: 1000\r\n"),
-            b"0123456789",
-        )
-        .await;
-        reached(&up, i as u64 + 1).await;
-        drop(s);
-        wait_reason(&h, "stream", "client_abort", i + 1).await;
-    }
+    let head = post_head("/stream/short", "content-length: 1000\r\n");
+    leave_repeatedly(&h, &up, &head, b"0123456789").await;
     // Buffered for replay: the body is read before any attempt, so there is
     // no upstream attempt at all.
     for i in 0..REPEAT {
@@ -346,16 +329,13 @@ async fn clients_leaving_while_the_upstream_works_are_client_aborts() {
         .start()
         .await;
     let h = ProxyHarness::start(&config(up.addr(), "")).await;
-    for i in 0..REPEAT {
-        let s = upload(&h, "GET /stream/slow HTTP/1.1\r\nhost: test\r\n\r\n", b"").await;
-        reached(&up, i as u64 + 1).await;
-        if i % 2 == 0 {
-            drop(s);
-        } else {
-            reset(s);
-        }
-        wait_reason(&h, "stream", "client_abort", i + 1).await;
-    }
+    leave_repeatedly(
+        &h,
+        &up,
+        "GET /stream/slow HTTP/1.1\r\nhost: test\r\n\r\n",
+        b"",
+    )
+    .await;
     assert_clients_blamed(&h, "stream", REPEAT).await;
 }
 
@@ -376,7 +356,7 @@ async fn http2_streams_reset_mid_upload_are_client_aborts() {
         let (resp, mut body) = client.send_request(req, false).expect("send_request");
         body.send_data(Bytes::from(vec![b'z'; 16 * 1024]), false)
             .expect("data");
-        reached(&up, i as u64 + 1).await;
+        up.wait_hits(i as u64 + 1).await;
         body.send_reset(h2::Reason::CANCEL);
         drop(resp);
         wait_reason(&h, "stream", "client_abort", i + 1).await;
