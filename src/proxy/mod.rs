@@ -463,7 +463,9 @@ fn client_fault(ctx: &Ctx<'_>, fault: ClientFault) -> ProxyError {
     local(d)
 }
 
-/// How an attempt ended.
+/// How an attempt ended. Not boxed: the response is the common case, and a
+/// box would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Ended {
     Response(hyper::Response<RespBody>),
     Failed(AttemptError),
