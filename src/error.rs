@@ -42,6 +42,10 @@ crate::metrics::label_enum! {
         /// the response was complete. Nobody is left to answer; counted with
         /// status class 4xx.
         ClientAbort => "client_abort",
+        /// Displaced from a full queue by a higher-priority request.
+        Priority => "priority",
+        /// Displaced from a full queue by a caller holding fewer requests.
+        FairShare => "fair_share",
     }
 }
 
@@ -55,7 +59,11 @@ impl Reason {
     pub(crate) fn is_shed(self) -> bool {
         matches!(
             self,
-            Reason::QueueFull | Reason::QueueTimeout | Reason::GlobalLimit
+            Reason::QueueFull
+                | Reason::QueueTimeout
+                | Reason::GlobalLimit
+                | Reason::Priority
+                | Reason::FairShare
         )
     }
 
@@ -122,6 +130,8 @@ impl ProxyError {
             Reason::QueueFull => (shed, 8, "route queue is full"),
             Reason::QueueTimeout => (shed, 8, "waited too long in the route queue"),
             Reason::GlobalLimit => (shed, 8, "proxy-wide in-flight limit reached"),
+            Reason::Priority => (shed, 8, "displaced by a higher-priority request"),
+            Reason::FairShare => (shed, 8, "displaced by a caller holding fewer requests"),
             Reason::BreakerOpen => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 14,

@@ -1,5 +1,6 @@
 //! Per-route admission control: a resizable concurrency cap with a bounded,
-//! cancellation-safe wait queue, plus a process-wide cap ([`GlobalLimit`]).
+//! cancellation-safe wait queue, priority classes, per-caller fairness and a
+//! shadow mode, plus a process-wide cap ([`GlobalLimit`]).
 //!
 //! # Admission
 //!
@@ -14,8 +15,31 @@
 //! guard owns it, so a slot is held until the body ends). Release hands the
 //! slot straight to the next waiter, so a newcomer cannot barge past the queue.
 //!
+//! # Priority classes ([`Policy::reserved`])
+//!
+//! Classes are ranked, 0 the highest. A request of class `c` is admitted only
+//! while in-flight is below the limit minus the reserved shares of the
+//! classes above it (each share of the limit rounded down): with limit 10 and
+//! 20% reserved for class 0, classes 1 and 2 stop at 8 in flight while class
+//! 0 can take 9 and 10. A freed permit goes to a waiter of the highest waiting
+//! class. A full queue makes room for an arrival by displacing the newest
+//! waiter of the lowest class strictly below the arrival's (`Priority`).
+//!
+//! # Fairness ([`Policy::max_keys`])
+//!
+//! Each request carries a key (a hash of the caller's identity). A key alone
+//! may use the whole limit. When several keys wait in a class, a freed permit
+//! goes to the waiting key holding the fewest permits (ties: the key whose
+//! oldest waiter has waited longest). A full queue makes room for an arrival
+//! of a key with fewer waiters (in its class) than the key with the most by
+//! displacing that key's newest waiter (`FairShare`). A key is tracked only
+//! while it has requests in flight or waiting, and at most `max_keys` at
+//! once; further keys share one overflow key. Priority comes first: fairness
+//! orders requests within a class.
+//!
 //! # Discipline
 //!
+//! Within a key's queue:
 //! - `fifo`: first come, first served.
 //! - `adaptive_lifo`: Facebook's adaptive LIFO with CoDel ("Fail at Scale",
 //!   ACM Queue 2015; Wangle's `Codel`). While the queue drains quickly it is
@@ -25,13 +49,22 @@
 //!   one whose client is most likely still waiting, and waiters are held to the
 //!   short `codel_target` (default 5 ms) instead of `max_wait`. This is
 //!   enforced when a permit is handed out: the waiters at the old end of the
-//!   queue that have waited longer than `codel_target` are first rejected with
-//!   `QueueTimeout`, and then the newest is admitted (if every waiter is stale,
-//!   all are shed and the permit goes back to the pool). A new arrival that
-//!   finds the queue full in this mode also sheds those stale waiters to make
-//!   room before it would be refused. While no permit frees up, waiters still
-//!   leave at `max_wait` or their deadline. The route returns to FIFO as soon
-//!   as the queue is empty.
+//!   queues that have waited longer than `codel_target` are first rejected
+//!   with `QueueTimeout`, lowest class first, and then the newest is admitted
+//!   (if every waiter is stale, all are shed and the permit goes back to the
+//!   pool). A new arrival that finds the queue full in this mode also sheds
+//!   stale waiters, lowest class first, to make room before it would be
+//!   refused. While no permit frees up, waiters still leave at `max_wait` or
+//!   their deadline. The route returns to FIFO as soon as the queue is empty.
+//!
+//! # Shadow mode ([`Policy::shadow`])
+//!
+//! Every request is let through at once, and the same state machine runs on
+//! the side: a request that would have queued holds a virtual place in the
+//! queue (and later a virtual permit) for as long as it really runs, so the
+//! decisions enforcement would have taken — queue, queue full, displaced by
+//! priority or fairness — are reported in [`Admitted::shadow`] and counted by
+//! the caller. The real in-flight count is kept apart and may exceed the limit.
 //!
 //! # Resizing (hot reload)
 //!
@@ -40,22 +73,28 @@
 //! admits no one until in-flight falls below the new cap. Lowering
 //! `max_depth` sheds nobody already queued: only new arrivals see the new
 //! bound. The queue's state (waiters, peak) survives the change.
+//! [`Admission::set_policy`] changes classes, fairness and mode the same way:
+//! waiters and permits keep their places (class indices are clamped to the
+//! new class count).
 //!
 //! # Implementation
 //!
-//! One atomic word holds the in-flight count and a "waiters queued" bit. With
-//! no waiter queued, acquire and release are a single compare-and-swap on that
-//! word (no lock, no allocation). Once anyone is queued the bit forces every
-//! acquire and release through a short `parking_lot` critical section, which
-//! keeps hand-off strictly ordered. Each waiter owns a small shared slot (its
-//! state and `Waker`); the queue is a `VecDeque` of slots. A waiter whose future
-//! is dropped marks its slot dead and leaves it in place; dead slots are
-//! skipped when popping and compacted away once they outnumber the live ones,
-//! so the deque never holds more than `2 * depth + 16` slots. No lock is held
-//! across `.await`, no task is spawned, and wakers are woken after the lock is
-//! released.
+//! One atomic word holds the (enforced) in-flight count and a "waiters
+//! queued" bit. With no waiter queued and neither fairness nor shadow mode,
+//! acquire and release are a single compare-and-swap on that word (no lock,
+//! no allocation); the admission threshold of each class is precomputed in
+//! an atomic. Once anyone is queued the bit forces every acquire and release
+//! through a short `parking_lot` critical section, which keeps hand-off
+//! strictly ordered; fairness and shadow mode always take it (they count per
+//! key). Each waiter owns a small shared slot (its state and `Waker`); the
+//! queues are `VecDeque`s of slots, one per class and key. A waiter whose
+//! future is dropped marks its slot dead and leaves it in place; dead slots
+//! are skipped when popping and compacted away once they outnumber the live
+//! ones, so a deque never holds more than `2 * depth + 16` slots. No lock is
+//! held across `.await`, no task is spawned, and wakers are woken after the
+//! lock is released.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -71,10 +110,14 @@ use tokio::time::{sleep_until, Instant};
 const WAITERS: usize = 1 << (usize::BITS - 1);
 /// The in-flight count: the low bits of [`Admission::word`].
 const COUNT: usize = WAITERS - 1;
-/// Dead slots tolerated beyond the live ones before the queue is compacted.
+/// Dead slots tolerated beyond the live ones before a queue is compacted.
 const COMPACT_SLACK: usize = 16;
 /// Wakers collected under the lock before they must be woken inline.
 const WAKE_BATCH: usize = 16;
+/// Most priority classes.
+pub(crate) const MAX_CLASSES: usize = 8;
+/// The key further keys share once `max_keys` are tracked.
+pub(crate) const OVERFLOW_KEY: u64 = u64::MAX;
 
 /// Order in which queued requests are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +148,38 @@ pub struct AdmissionLimits {
     pub codel_interval: Duration,
 }
 
+/// Classes, fairness and mode of a route (config section "priority",
+/// "fairness" and `mode`). The default is one class, no fairness, enforced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Reserved share of the limit per class, highest class first; its
+    /// length is the number of classes (1 without priority).
+    pub reserved: Vec<f64>,
+    /// Fairness: most keys tracked at once; `None` without fairness.
+    pub max_keys: Option<usize>,
+    /// Shadow mode: admit everyone, report what enforcement would have done.
+    pub shadow: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            reserved: vec![0.0],
+            max_keys: None,
+            shadow: false,
+        }
+    }
+}
+
+/// Who is asking: the request's priority class and fairness key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ticket {
+    /// 0 is the highest class.
+    pub class: usize,
+    /// A hash of the caller's key (0 without fairness).
+    pub key: u64,
+}
+
 /// The per-route admission controller, shared as `Arc<Admission>` and kept in
 /// the registry so it survives a reload.
 pub struct Admission {
@@ -112,22 +187,55 @@ pub struct Admission {
     /// only change it while `WAITERS` is clear; with it set, only holders of
     /// `state` do, which is what makes hand-off race-free.
     word: AtomicUsize,
-    /// Mirror of `limits.max_in_flight` for the lock-free acquire.
-    cap: AtomicUsize,
+    /// Per class, the in-flight count below which it is admitted, for the
+    /// lock-free acquire (`limit - reserved shares above`).
+    thresholds: [AtomicUsize; MAX_CLASSES],
+    /// Fairness or shadow mode: every acquire and release takes the lock.
+    locked: std::sync::atomic::AtomicBool,
+    /// Permits held per class (only counted with more than one class).
+    class_in_flight: [AtomicUsize; MAX_CLASSES],
+    /// Requests really in flight (differs from the word in shadow mode).
+    real_in_flight: AtomicUsize,
+    /// Mirror of `State::epoch` for `Permit::drop`.
+    epoch_mirror: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
 /// Everything behind the lock.
 struct State {
     limits: AdmissionLimits,
-    /// Waiters in arrival order; may hold dead slots (cancelled or timed out).
-    queue: VecDeque<Entry>,
-    /// Live (still waiting) entries in `queue`: the queue depth.
+    policy: Policy,
+    /// Waiters per class (index 0 highest), then per key.
+    classes: Vec<ClassQueue>,
+    /// Live (still waiting) entries in all queues: the queue depth.
     live: usize,
     /// Largest `live` ever seen.
     peak: usize,
     /// When the queue last went from empty to non-empty; `None` while empty.
     standing_since: Option<Instant>,
+    /// Fairness: keys with requests in flight or waiting.
+    keys: HashMap<u64, KeyCount>,
+    /// Bumped by every switch from shadow to enforce (see `Permit::drop`).
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct ClassQueue {
+    /// Per key (one key, 0, without fairness).
+    keys: HashMap<u64, KeyQueue>,
+    live: usize,
+}
+
+#[derive(Default)]
+struct KeyQueue {
+    entries: VecDeque<Entry>,
+    live: usize,
+}
+
+#[derive(Default, Clone, Copy)]
+struct KeyCount {
+    in_flight: usize,
+    waiting: usize,
 }
 
 /// One queued request.
@@ -138,12 +246,14 @@ struct Entry {
 
 /// Shared between a queued future and the queue. Transitions out of
 /// `Waiting` happen only under the `Admission` lock; the future's own poll
-/// only moves `Granted`/`Shed` to `Done`.
+/// only moves `Granted`/`Shed`/`Displaced` to `Done`.
 struct Slot(Mutex<SlotInner>);
 
 struct SlotInner {
     state: SlotState,
     waker: Option<Waker>,
+    /// Where the entry is queued (kept current across policy changes).
+    ticket: Ticket,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,16 +263,21 @@ enum SlotState {
     /// Handed a permit (already counted in flight) that the future has not
     /// yet taken.
     Granted,
-    /// Rejected by CoDel shedding.
+    /// Rejected by CoDel shedding or a virtual timeout.
     Shed,
+    /// Displaced from a full queue.
+    Displaced(Rejected),
     /// Finished: permit taken, rejection seen, or future gone (a dead entry).
     Done,
 }
 
-/// Outcome of the locked slow path of `acquire`.
+/// Outcome of the locked slow path of `acquire`, with the ticket as queued
+/// and the waiter the arrival displaced, if any.
 enum Enqueued {
-    Admitted,
-    Queued(Arc<Slot>),
+    Admitted(Ticket, Option<Rejected>),
+    Queued(Arc<Slot>, Duration, Option<Rejected>),
+    /// Shadow mode: let through, holding this virtual place.
+    Shadow(Ticket, ShadowHold, ShadowDecision, Option<Rejected>),
 }
 
 /// The queued part of an `acquire` future; its `Drop` is the cancellation path.
@@ -184,6 +299,21 @@ pub struct Admitted {
     pub permit: Permit,
     /// Time spent queued; `Duration::ZERO` when admitted without queueing.
     pub waited: Duration,
+    /// A waiter this arrival displaced from the full queue, and why.
+    pub displaced: Option<Rejected>,
+    /// Shadow mode: what enforcement would have done with this request.
+    pub shadow: Option<ShadowDecision>,
+}
+
+/// What enforcement would have done with a request let through in shadow mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowDecision {
+    /// Admitted at once.
+    Admit,
+    /// Would have waited in the queue.
+    Queue,
+    /// Would have been refused.
+    Reject(Rejected),
 }
 
 /// Why a request was not admitted.
@@ -193,19 +323,38 @@ pub enum Rejected {
     QueueFull,
     /// Waited `max_wait`, reached the request deadline, or was shed by CoDel.
     QueueTimeout,
+    /// Displaced from a full queue by a higher-priority arrival.
+    Priority,
+    /// Displaced from a full queue by an arrival of a key with fewer waiters.
+    FairShare,
 }
 
 /// One admitted request's slot. Dropping it releases the slot.
 pub struct Permit {
     admission: Arc<Admission>,
+    ticket: Ticket,
+    /// Shadow mode: the virtual place this request holds (a queue entry, or
+    /// a virtual permit once granted), released with the request.
+    shadow: Option<ShadowHold>,
+    /// The admission's epoch when this permit was made.
+    epoch: u64,
+}
+
+enum ShadowHold {
+    /// Holds a virtual permit (counted in the word).
+    Permit,
+    /// Holds a virtual queue entry, maybe granted meanwhile.
+    Queued(Arc<Slot>),
+    /// Was refused virtually: holds nothing.
+    Nothing,
 }
 
 /// A snapshot for `/status` and metrics.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct AdmissionStats {
-    /// Permits held, including granted ones not yet picked up.
+    /// Requests really in flight, including granted permits not yet picked up.
     pub in_flight: usize,
-    /// Requests waiting now.
+    /// Requests waiting now (virtually, in shadow mode).
     pub queue_depth: usize,
     /// Largest queue depth since the controller was created.
     pub queue_depth_peak: usize,
@@ -215,6 +364,10 @@ pub(crate) struct AdmissionStats {
     pub max_depth: usize,
     /// `AdaptiveLifo` is currently serving LIFO with CoDel shedding.
     pub lifo_active: bool,
+    /// Permits held per class (with more than one class).
+    pub class_in_flight: Vec<usize>,
+    /// Fairness keys with requests in flight or waiting.
+    pub keys: usize,
 }
 
 /// A process-wide cap on requests in flight: no queue, reject at once.
@@ -231,20 +384,47 @@ pub(crate) struct GlobalPermit {
 // === impl Admission ===
 
 impl Admission {
-    /// A controller with no request in flight.
+    /// A controller with no request in flight, one class, enforced.
     pub fn new(limits: AdmissionLimits) -> Arc<Self> {
+        Self::with_policy(limits, Policy::default())
+    }
+
+    /// A controller with classes, fairness or shadow mode.
+    pub fn with_policy(limits: AdmissionLimits, policy: Policy) -> Arc<Self> {
         let limits = clamp(limits);
-        Arc::new(Self {
+        let policy = clamp_policy(policy);
+        let classes = (0..policy.reserved.len())
+            .map(|_| ClassQueue::default())
+            .collect();
+        let adm = Arc::new(Self {
             word: AtomicUsize::new(0),
-            cap: AtomicUsize::new(limits.max_in_flight),
+            thresholds: std::array::from_fn(|_| AtomicUsize::new(0)),
+            locked: std::sync::atomic::AtomicBool::new(false),
+            class_in_flight: std::array::from_fn(|_| AtomicUsize::new(0)),
+            real_in_flight: AtomicUsize::new(0),
+            epoch_mirror: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
                 limits,
-                queue: VecDeque::new(),
+                policy,
+                classes,
                 live: 0,
                 peak: 0,
                 standing_since: None,
+                keys: HashMap::new(),
+                epoch: 0,
             }),
-        })
+        });
+        adm.publish(&adm.state.lock());
+        adm
+    }
+
+    /// Mirrors the thresholds and the lock-only flag for the lock-free paths.
+    fn publish(&self, st: &State) {
+        for (c, t) in self.thresholds.iter().enumerate() {
+            t.store(st.threshold(c), Ordering::Release);
+        }
+        let locked = st.policy.max_keys.is_some() || st.policy.shadow;
+        self.locked.store(locked, Ordering::Release);
     }
 
     /// Changes the limits in place (hot reload). Raising the cap admits
@@ -254,7 +434,56 @@ impl Admission {
         let mut wakes = WakeList::new();
         let mut st = self.state.lock();
         st.limits = limits;
-        self.cap.store(limits.max_in_flight, Ordering::Release);
+        self.publish(&st);
+        self.admit_waiters(&mut st, Instant::now(), &mut wakes);
+        drop(st);
+        wakes.wake_all();
+    }
+
+    /// Changes classes, fairness and mode in place (hot reload). Waiters keep
+    /// their places (class clamped to the new count); switching to shadow lets
+    /// every waiter through; switching from shadow to enforce counts every
+    /// request really in flight, so new ones queue until in-flight falls
+    /// below the limit.
+    pub(crate) fn set_policy(&self, policy: Policy) {
+        let policy = clamp_policy(policy);
+        let mut wakes = WakeList::new();
+        let mut st = self.state.lock();
+        if st.policy == policy {
+            return;
+        }
+        let was_shadow = st.policy.shadow;
+        let rebucket = st.policy.reserved.len() != policy.reserved.len()
+            || st.policy.max_keys.is_some() != policy.max_keys.is_some();
+        if policy.max_keys.is_none() {
+            st.keys.clear();
+        }
+        st.policy = policy;
+        if rebucket {
+            st.rebucket();
+        }
+        if was_shadow && !st.policy.shadow {
+            // Virtual waiters are real requests in flight: every request
+            // really in flight now holds an enforced permit.
+            st.clear_queues(SlotState::Done, &mut wakes);
+            self.settle(&mut st);
+            let real = self.real_in_flight.load(Ordering::Acquire).min(COUNT);
+            self.word.store(real, Ordering::Release);
+            st.epoch += 1;
+            self.epoch_mirror.store(st.epoch, Ordering::Release);
+        } else if !was_shadow && st.policy.shadow {
+            // Shadow mode never queues: everyone waiting goes through.
+            while st.live > 0 {
+                let Some(c) = st.highest_waiting() else { break };
+                let Some((ticket, entry)) = self.pop_next(&mut st, c, Instant::now(), &mut wakes)
+                else {
+                    continue;
+                };
+                self.grant(&mut st, ticket, entry, &mut wakes);
+            }
+            self.settle(&mut st);
+        }
+        self.publish(&st);
         self.admit_waiters(&mut st, Instant::now(), &mut wakes);
         drop(st);
         wakes.wake_all();
@@ -266,25 +495,42 @@ impl Admission {
         self.state.lock().limits
     }
 
-    /// Waits for a permit. `deadline` is the request's overall deadline: the
-    /// queue wait ends at `min(enqueue + max_wait, deadline)`. A free permit is
-    /// granted even past the deadline (later stages enforce it); a request that
-    /// would have to queue with no time left (deadline passed, or `max_wait`
-    /// zero) gets `QueueTimeout` at once.
-    ///
-    /// Cancellation-safe: dropping the future leaves the queue, and a permit
-    /// granted to it but not yet taken passes to the next waiter.
+    /// Waits for a permit as the default class and key; see [`Self::acquire_as`].
     pub async fn acquire(
         self: &Arc<Self>,
         deadline: Option<Instant>,
     ) -> Result<Admitted, Rejected> {
-        if self.try_acquire_fast() {
-            return Ok(self.admitted(Duration::ZERO));
+        self.acquire_as(Ticket::default(), deadline).await
+    }
+
+    /// Waits for a permit. `deadline` is the request's overall deadline: the
+    /// queue wait ends at `min(enqueue + max_wait, deadline)`. A free permit is
+    /// granted even past the deadline (later stages enforce it); a request that
+    /// would have to queue with no time left (deadline passed, or `max_wait`
+    /// zero) gets `QueueTimeout` at once. In shadow mode it returns at once,
+    /// with what enforcement would have done in [`Admitted::shadow`].
+    ///
+    /// Cancellation-safe: dropping the future leaves the queue, and a permit
+    /// granted to it but not yet taken passes to the next waiter.
+    pub async fn acquire_as(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        deadline: Option<Instant>,
+    ) -> Result<Admitted, Rejected> {
+        if !self.locked.load(Ordering::Acquire) && self.try_acquire_fast(ticket.class) {
+            return Ok(self.admitted(ticket, Duration::ZERO, None, None));
         }
         let enqueued_at = Instant::now();
-        let (slot, max_wait) = match self.enqueue(enqueued_at, deadline)? {
-            (Enqueued::Admitted, _) => return Ok(self.admitted(Duration::ZERO)),
-            (Enqueued::Queued(slot), max_wait) => (slot, max_wait),
+        let (slot, max_wait, displaced) = match self.enqueue(ticket, enqueued_at, deadline)? {
+            Enqueued::Admitted(ticket, displaced) => {
+                return Ok(self.admitted(ticket, Duration::ZERO, displaced, None))
+            }
+            Enqueued::Shadow(ticket, hold, decision, displaced) => {
+                let mut a = self.admitted(ticket, Duration::ZERO, displaced, Some(decision));
+                a.permit.shadow = Some(hold);
+                return Ok(a);
+            }
+            Enqueued::Queued(slot, max_wait, displaced) => (slot, max_wait, displaced),
         };
         let mut waiter = Waiter {
             admission: self,
@@ -297,7 +543,7 @@ impl Admission {
             (a, b) => a.or(b),
         };
         let mut sleep = pin!(give_up.map(sleep_until));
-        poll_fn(|cx| {
+        let ticket = poll_fn(|cx| {
             if let Poll::Ready(outcome) = waiter.poll_slot(cx) {
                 return Poll::Ready(outcome);
             }
@@ -312,34 +558,68 @@ impl Admission {
             }
         })
         .await?;
-        Ok(self.admitted(enqueued_at.elapsed()))
+        Ok(self.admitted(ticket, enqueued_at.elapsed(), displaced, None))
     }
 
     /// A snapshot of the counters.
     pub(crate) fn stats(&self) -> AdmissionStats {
         let st = self.state.lock();
+        let classes = st.policy.reserved.len();
         AdmissionStats {
-            in_flight: self.word.load(Ordering::Acquire) & COUNT,
+            in_flight: if st.policy.shadow {
+                self.real_in_flight.load(Ordering::Acquire)
+            } else {
+                self.word.load(Ordering::Acquire) & COUNT
+            },
             queue_depth: st.live,
             queue_depth_peak: st.peak,
             max_in_flight: st.limits.max_in_flight,
             max_depth: st.limits.max_depth,
             lifo_active: st.lifo_active(Instant::now()),
+            class_in_flight: if classes > 1 {
+                self.class_in_flight[..classes]
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            keys: st.keys.len(),
         }
     }
 
-    fn admitted(self: &Arc<Self>, waited: Duration) -> Admitted {
+    fn admitted(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        waited: Duration,
+        displaced: Option<Rejected>,
+        shadow: Option<ShadowDecision>,
+    ) -> Admitted {
+        self.real_in_flight.fetch_add(1, Ordering::AcqRel);
+        if ticket.class > 0 || self.thresholds[1].load(Ordering::Relaxed) > 0 {
+            self.class_in_flight[ticket.class.min(MAX_CLASSES - 1)].fetch_add(1, Ordering::Relaxed);
+        }
         Admitted {
             permit: Permit {
                 admission: Arc::clone(self),
+                ticket,
+                shadow: None,
+                epoch: self.epoch(),
             },
             waited,
+            displaced,
+            shadow,
         }
     }
 
-    /// Takes a permit with one CAS when nobody is queued and one is free.
-    fn try_acquire_fast(&self) -> bool {
-        let cap = self.cap.load(Ordering::Acquire);
+    fn epoch(&self) -> u64 {
+        self.epoch_mirror.load(Ordering::Acquire)
+    }
+
+    /// Takes a permit with one CAS when nobody is queued and the class's
+    /// threshold allows it.
+    fn try_acquire_fast(&self, class: usize) -> bool {
+        let cap = self.thresholds[class.min(MAX_CLASSES - 1)].load(Ordering::Acquire);
         let mut cur = self.word.load(Ordering::Acquire);
         // `cur < cap` also fails when WAITERS is set (it exceeds any cap).
         while cur < cap {
@@ -354,32 +634,53 @@ impl Admission {
         false
     }
 
-    /// Locked slow path: admit if a permit is free after all, else queue or
-    /// refuse. Also returns the `max_wait` read under the same lock.
+    /// Locked slow path: admit if the class's threshold allows, else make
+    /// room (CoDel, displacement) and queue, or refuse. In shadow mode the
+    /// same decision is taken for a virtual place and the caller goes on.
     fn enqueue(
         &self,
+        mut ticket: Ticket,
         now: Instant,
         deadline: Option<Instant>,
-    ) -> Result<(Enqueued, Duration), Rejected> {
+    ) -> Result<Enqueued, Rejected> {
         let mut wakes = WakeList::new();
         let mut st = self.state.lock();
+        ticket = st.intern(ticket);
+        let shadow = st.policy.shadow;
         let max_wait = st.limits.max_wait;
+        let threshold = st.threshold(ticket.class);
+        let mut displaced = None;
         let mut shed = false;
         let mut cur = self.word.load(Ordering::Acquire);
         loop {
-            if cur & WAITERS == 0 && cur < st.limits.max_in_flight {
+            // Every class with a live waiter is at or over its threshold
+            // (`admit_waiters` keeps it so), so an arrival under its own
+            // threshold passes nobody of its class or above.
+            if cur & COUNT < threshold {
                 match self
                     .word
                     .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
                 {
-                    Ok(_) => return Ok((Enqueued::Admitted, max_wait)),
+                    Ok(_) => {
+                        st.count_key_admitted(ticket);
+                        return Ok(if shadow {
+                            Enqueued::Shadow(
+                                ticket,
+                                ShadowHold::Permit,
+                                ShadowDecision::Admit,
+                                displaced,
+                            )
+                        } else {
+                            Enqueued::Admitted(ticket, displaced)
+                        });
+                    }
                     Err(actual) => {
                         cur = actual;
                         continue;
                     }
                 }
             }
-            if st.live >= st.limits.max_depth {
+            if st.live >= st.limits.max_depth && displaced.is_none() {
                 // Overloaded: stale waiters are worth less than this fresh one.
                 if !shed && st.lifo_active(now) {
                     shed = true;
@@ -387,14 +688,28 @@ impl Admission {
                     cur = self.word.load(Ordering::Acquire);
                     continue;
                 }
-                drop(st);
-                wakes.wake_all();
-                return Err(Rejected::QueueFull);
+                match st.displace(ticket, &mut wakes) {
+                    Some(reason) => displaced = Some(reason),
+                    None => {
+                        self.settle(&mut st);
+                        drop(st);
+                        wakes.wake_all();
+                        return refuse(shadow, ticket, Rejected::QueueFull);
+                    }
+                }
+                self.settle(&mut st);
+                cur = self.word.load(Ordering::Acquire);
+                continue;
             }
             if max_wait.is_zero() || deadline.is_some_and(|d| d <= now) {
                 drop(st);
                 wakes.wake_all();
-                return Err(Rejected::QueueTimeout);
+                return refuse(shadow, ticket, Rejected::QueueTimeout).map(|e| match e {
+                    Enqueued::Shadow(t, h, _, _) => {
+                        Enqueued::Shadow(t, h, ShadowDecision::Queue, displaced)
+                    }
+                    other => other,
+                });
             }
             if cur & WAITERS != 0 {
                 break;
@@ -414,94 +729,173 @@ impl Admission {
         let slot = Arc::new(Slot(Mutex::new(SlotInner {
             state: SlotState::Waiting,
             waker: None,
+            ticket,
         })));
-        st.queue.push_back(Entry {
-            slot: Arc::clone(&slot),
-            enqueued_at: now,
-        });
-        st.live += 1;
-        st.peak = st.peak.max(st.live);
-        if st.standing_since.is_none() {
-            st.standing_since = Some(now);
-        }
+        st.push(ticket, Arc::clone(&slot), now);
         drop(st);
         wakes.wake_all();
-        Ok((Enqueued::Queued(slot), max_wait))
+        Ok(if shadow {
+            Enqueued::Shadow(
+                ticket,
+                ShadowHold::Queued(slot),
+                ShadowDecision::Queue,
+                displaced,
+            )
+        } else {
+            Enqueued::Queued(slot, max_wait, displaced)
+        })
     }
 
-    /// Releases one permit: a CAS when nobody waits, else a locked hand-off.
-    fn release(&self) {
-        let mut cur = self.word.load(Ordering::Acquire);
-        while cur & WAITERS == 0 {
-            match self
-                .word
-                .compare_exchange_weak(cur, cur - 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return,
-                Err(actual) => cur = actual,
+    /// Releases one permit: a CAS when nobody waits and no key is counted,
+    /// else a locked hand-off.
+    fn release(&self, ticket: Ticket) {
+        if !self.locked.load(Ordering::Acquire) {
+            let mut cur = self.word.load(Ordering::Acquire);
+            while cur & WAITERS == 0 {
+                match self.word.compare_exchange_weak(
+                    cur,
+                    cur - 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return,
+                    Err(actual) => cur = actual,
+                }
             }
         }
         let mut wakes = WakeList::new();
         let mut st = self.state.lock();
-        self.release_locked(&mut st, &mut wakes);
+        self.release_locked(&mut st, ticket, &mut wakes);
         drop(st);
         wakes.wake_all();
     }
 
-    fn release_locked(&self, st: &mut State, wakes: &mut WakeList) {
+    fn release_locked(&self, st: &mut State, ticket: Ticket, wakes: &mut WakeList) {
         // Atomic even under the lock: if WAITERS was cleared meanwhile, the
-        // lock-free paths may be touching the count too.
-        self.word.fetch_sub(1, Ordering::AcqRel);
+        // lock-free paths may be touching the count too. Never below zero:
+        // a shadow-to-enforce switch may have recounted.
+        let _ = self
+            .word
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w & COUNT > 0).then(|| w - 1)
+            });
+        st.count_key_released(ticket);
         self.admit_waiters(st, Instant::now(), wakes);
     }
 
-    /// Grants permits to waiters while the cap allows.
+    /// Releases a shadow-mode request's virtual place.
+    fn release_shadow(&self, ticket: Ticket, hold: ShadowHold) {
+        let mut wakes = WakeList::new();
+        let mut st = self.state.lock();
+        match hold {
+            ShadowHold::Permit => self.release_locked(&mut st, ticket, &mut wakes),
+            ShadowHold::Queued(slot) => match slot.take_state() {
+                SlotState::Waiting => {
+                    let t = slot.ticket();
+                    st.unqueue(t);
+                    st.count_key_released(t);
+                    self.settle(&mut st);
+                }
+                SlotState::Granted => self.release_locked(&mut st, slot.ticket(), &mut wakes),
+                _ => st.count_key_released(slot.ticket()),
+            },
+            ShadowHold::Nothing => {}
+        }
+        drop(st);
+        wakes.wake_all();
+    }
+
+    /// Grants permits to waiters, highest class first, while thresholds allow.
     fn admit_waiters(&self, st: &mut State, now: Instant, wakes: &mut WakeList) {
-        while st.live > 0 && self.word.load(Ordering::Acquire) & COUNT < st.limits.max_in_flight {
-            let Some(entry) = self.pop_next(st, now, wakes) else {
+        while st.live > 0 {
+            let Some(c) = st.highest_waiting() else {
                 break;
             };
-            st.live -= 1;
-            // WAITERS is still set, so nothing else changes the count now.
-            self.word.fetch_add(1, Ordering::AcqRel);
-            entry.slot.finish(SlotState::Granted, wakes);
+            if self.word.load(Ordering::Acquire) & COUNT >= st.threshold(c) {
+                break;
+            }
+            let Some((ticket, entry)) = self.pop_next(st, c, now, wakes) else {
+                continue;
+            };
+            self.grant(st, ticket, entry, wakes);
         }
         self.settle(st);
     }
 
-    /// Removes the next live waiter per the discipline (not yet granted).
-    fn pop_next(&self, st: &mut State, now: Instant, wakes: &mut WakeList) -> Option<Entry> {
-        if st.lifo_active(now) {
+    fn grant(&self, st: &mut State, ticket: Ticket, entry: Entry, wakes: &mut WakeList) {
+        // WAITERS is still set, so nothing else changes the count now.
+        self.word.fetch_add(1, Ordering::AcqRel);
+        st.count_key_granted(ticket);
+        entry.slot.finish(SlotState::Granted, wakes);
+    }
+
+    /// Removes the next live waiter of class `c` per fairness and discipline
+    /// (not yet granted); CoDel sheds stale waiters first when LIFO is on.
+    fn pop_next(
+        &self,
+        st: &mut State,
+        c: usize,
+        now: Instant,
+        wakes: &mut WakeList,
+    ) -> Option<(Ticket, Entry)> {
+        let lifo = st.lifo_active(now);
+        if lifo {
             self.shed_stale(st, now, wakes);
-            while let Some(entry) = st.queue.pop_back() {
-                if entry.slot.is_waiting() {
-                    return Some(entry);
-                }
+        }
+        let shadow_wait = st.policy.shadow.then_some(st.limits.max_wait);
+        loop {
+            let key = st.next_key(c)?;
+            let kq = st.classes[c].keys.get_mut(&key)?;
+            let entry = if lifo {
+                kq.entries.pop_back()
+            } else {
+                kq.entries.pop_front()
+            };
+            let Some(entry) = entry else {
+                // Live count says otherwise: repair rather than spin.
+                let live = kq.live;
+                st.classes[c].keys.remove(&key);
+                st.classes[c].live -= live;
+                st.live -= live;
+                continue;
+            };
+            if !entry.slot.is_waiting() {
+                continue;
             }
-        } else {
-            while let Some(entry) = st.queue.pop_front() {
-                if entry.slot.is_waiting() {
-                    return Some(entry);
+            let ticket = Ticket { class: c, key };
+            st.unqueue(ticket);
+            // Shadow mode: a virtual waiter past max_wait would have left.
+            if shadow_wait.is_some_and(|w| now.saturating_duration_since(entry.enqueued_at) > w) {
+                entry.slot.finish(SlotState::Shed, wakes);
+                continue;
+            }
+            return Some((ticket, entry));
+        }
+    }
+
+    /// CoDel: rejects waiters at the old end of each queue that waited
+    /// beyond the target, lowest class first.
+    fn shed_stale(&self, st: &mut State, now: Instant, wakes: &mut WakeList) {
+        let target = st.limits.codel_target;
+        let mut shed: Vec<(Ticket, Entry)> = Vec::new();
+        for c in (0..st.classes.len()).rev() {
+            for (&key, kq) in st.classes[c].keys.iter_mut() {
+                while let Some(front) = kq.entries.front() {
+                    let live = front.slot.is_waiting();
+                    if live && now.saturating_duration_since(front.enqueued_at) <= target {
+                        break;
+                    }
+                    if let Some(entry) = kq.entries.pop_front() {
+                        if live {
+                            shed.push((Ticket { class: c, key }, entry));
+                        }
+                    }
                 }
             }
         }
-        None
-    }
-
-    /// CoDel: rejects waiters at the old end that waited beyond the target.
-    fn shed_stale(&self, st: &mut State, now: Instant, wakes: &mut WakeList) {
-        let target = st.limits.codel_target;
-        while let Some(front) = st.queue.front() {
-            let live = front.slot.is_waiting();
-            if live && now.saturating_duration_since(front.enqueued_at) <= target {
-                break;
-            }
-            if let Some(entry) = st.queue.pop_front() {
-                if live {
-                    st.live -= 1;
-                    entry.slot.finish(SlotState::Shed, wakes);
-                }
-            }
+        for (ticket, entry) in shed {
+            st.unqueue(ticket);
+            entry.slot.finish(SlotState::Shed, wakes);
         }
         self.settle(st);
     }
@@ -511,7 +905,10 @@ impl Admission {
     fn settle(&self, st: &mut State) {
         if st.live == 0 {
             st.standing_since = None;
-            st.queue.clear();
+            for class in &mut st.classes {
+                class.keys.clear();
+                class.live = 0;
+            }
             if self.word.load(Ordering::Acquire) & WAITERS != 0 {
                 self.word.fetch_and(!WAITERS, Ordering::AcqRel);
             }
@@ -519,21 +916,23 @@ impl Admission {
     }
 
     /// A live waiter left on its own (cancelled or timed out).
-    fn leave(&self, st: &mut State) {
-        st.live -= 1;
-        // Amortised O(1): a pass over `len` slots happens only after about
-        // `len / 2` departures, and bounds the deque at `2 * live + slack`.
-        if st.queue.len() > 2 * st.live + COMPACT_SLACK {
-            st.queue.retain(|entry| entry.slot.is_waiting());
-        }
+    fn leave(&self, st: &mut State, ticket: Ticket) {
+        st.unqueue(ticket);
+        st.count_key_released(ticket);
         self.settle(st);
     }
 
-    /// Deque length and capacity, to check that memory stays bounded.
+    /// Queue slots (live and dead) and their capacity, to check that memory
+    /// stays bounded.
     #[cfg(test)]
     fn queue_slots(&self) -> (usize, usize) {
         let st = self.state.lock();
-        (st.queue.len(), st.queue.capacity())
+        st.classes
+            .iter()
+            .flat_map(|c| c.keys.values())
+            .fold((0, 0), |(l, c), kq| {
+                (l + kq.entries.len(), c + kq.entries.capacity())
+            })
     }
 }
 
@@ -545,10 +944,36 @@ impl fmt::Debug for Admission {
     }
 }
 
+/// A refusal, or in shadow mode a virtual one the caller goes on past.
+fn refuse(shadow: bool, ticket: Ticket, why: Rejected) -> Result<Enqueued, Rejected> {
+    if shadow {
+        Ok(Enqueued::Shadow(
+            ticket,
+            ShadowHold::Nothing,
+            ShadowDecision::Reject(why),
+            None,
+        ))
+    } else {
+        Err(why)
+    }
+}
+
 /// The atomic word cannot count to `usize::MAX`; no real cap comes close.
 fn clamp(mut limits: AdmissionLimits) -> AdmissionLimits {
     limits.max_in_flight = limits.max_in_flight.min(COUNT);
     limits
+}
+
+/// One to [`MAX_CLASSES`] classes, shares within [0, 1].
+fn clamp_policy(mut policy: Policy) -> Policy {
+    if policy.reserved.is_empty() {
+        policy.reserved.push(0.0);
+    }
+    policy.reserved.truncate(MAX_CLASSES);
+    for r in &mut policy.reserved {
+        *r = r.clamp(0.0, 1.0);
+    }
+    policy
 }
 
 // === impl State ===
@@ -561,6 +986,230 @@ impl State {
                 now.saturating_duration_since(since) > self.limits.codel_interval
             })
     }
+
+    /// In-flight count below which class `c` is admitted: the limit minus
+    /// the reserved shares of the classes above it, rounded down.
+    fn threshold(&self, c: usize) -> usize {
+        let limit = self.limits.max_in_flight;
+        let above: f64 = self.policy.reserved.iter().take(c).sum();
+        // The epsilon keeps 0.2 x 10 at 2 whatever the float rounding.
+        let reserved = (limit as f64 * above + 1e-9).floor() as usize;
+        limit.saturating_sub(reserved)
+    }
+
+    /// The ticket as queued: class clamped, key tracked or folded into the
+    /// overflow key (fairness), or 0 (no fairness).
+    fn intern(&mut self, mut ticket: Ticket) -> Ticket {
+        ticket.class = ticket.class.min(self.classes.len() - 1);
+        ticket.key = match self.policy.max_keys {
+            None => 0,
+            Some(max) if !self.keys.contains_key(&ticket.key) && self.keys.len() >= max => {
+                OVERFLOW_KEY
+            }
+            Some(_) => ticket.key,
+        };
+        ticket
+    }
+
+    fn highest_waiting(&self) -> Option<usize> {
+        self.classes.iter().position(|c| c.live > 0)
+    }
+
+    /// Fairness: the waiting key of class `c` holding the fewest permits
+    /// (ties: the oldest waiter); without fairness the one key.
+    fn next_key(&mut self, c: usize) -> Option<u64> {
+        let class = &mut self.classes[c];
+        let keys = &self.keys;
+        let mut best: Option<(usize, Instant, u64)> = None;
+        for (&key, kq) in class.keys.iter_mut() {
+            if kq.live == 0 {
+                continue;
+            }
+            // Dead entries at the front say nothing about age.
+            while kq.entries.front().is_some_and(|e| !e.slot.is_waiting()) {
+                kq.entries.pop_front();
+            }
+            let oldest = kq.entries.front().map_or(Instant::now(), |e| e.enqueued_at);
+            let held = keys.get(&key).map_or(0, |k| k.in_flight);
+            if best.is_none_or(|(h, o, _)| (held, oldest) < (h, o)) {
+                best = Some((held, oldest, key));
+            }
+        }
+        best.map(|(_, _, key)| key)
+    }
+
+    /// Queues a live entry.
+    fn push(&mut self, ticket: Ticket, slot: Arc<Slot>, now: Instant) {
+        let class = &mut self.classes[ticket.class];
+        let kq = class.keys.entry(ticket.key).or_default();
+        kq.entries.push_back(Entry {
+            slot,
+            enqueued_at: now,
+        });
+        kq.live += 1;
+        class.live += 1;
+        self.live += 1;
+        self.peak = self.peak.max(self.live);
+        if self.standing_since.is_none() {
+            self.standing_since = Some(now);
+        }
+        if self.policy.max_keys.is_some() {
+            self.keys.entry(ticket.key).or_default().waiting += 1;
+        }
+    }
+
+    /// One live entry of `ticket`'s queue is gone (granted, shed, displaced
+    /// or left): the counts follow, and an empty queue is dropped. Amortised
+    /// O(1): a compaction pass over a queue happens only after about half of
+    /// it has departed, and bounds it at `2 * live + slack`.
+    fn unqueue(&mut self, ticket: Ticket) {
+        let c = ticket.class.min(self.classes.len() - 1);
+        let class = &mut self.classes[c];
+        if let Some(kq) = class.keys.get_mut(&ticket.key) {
+            kq.live = kq.live.saturating_sub(1);
+            class.live = class.live.saturating_sub(1);
+            self.live = self.live.saturating_sub(1);
+            if kq.live == 0 {
+                class.keys.remove(&ticket.key);
+            } else if kq.entries.len() > 2 * kq.live + COMPACT_SLACK {
+                kq.entries.retain(|entry| entry.slot.is_waiting());
+            }
+        }
+        if let Some(k) = self.keys.get_mut(&ticket.key) {
+            k.waiting = k.waiting.saturating_sub(1);
+        }
+    }
+
+    /// Fairness: a permit taken at once.
+    fn count_key_admitted(&mut self, ticket: Ticket) {
+        if self.policy.max_keys.is_some() {
+            self.keys.entry(ticket.key).or_default().in_flight += 1;
+        }
+    }
+
+    /// Fairness: a waiter granted (its waiting count went with `unqueue`).
+    fn count_key_granted(&mut self, ticket: Ticket) {
+        if let Some(k) = self.keys.get_mut(&ticket.key) {
+            k.in_flight += 1;
+        }
+    }
+
+    /// Fairness: a permit released or a waiter gone; a key with nothing in
+    /// flight or waiting is forgotten.
+    fn count_key_released(&mut self, ticket: Ticket) {
+        if let Some(k) = self.keys.get_mut(&ticket.key) {
+            k.in_flight = k.in_flight.saturating_sub(1);
+            if k.in_flight == 0 && k.waiting == 0 {
+                self.keys.remove(&ticket.key);
+            }
+        }
+    }
+
+    /// A full queue makes room for `ticket`: the newest waiter of the lowest
+    /// class below it, else (fairness) the newest waiter of the key with the
+    /// most waiters in its class, if the arrival's key has fewer.
+    fn displace(&mut self, ticket: Ticket, wakes: &mut WakeList) -> Option<Rejected> {
+        let lower = (ticket.class + 1..self.classes.len())
+            .rev()
+            .find(|&c| self.classes[c].live > 0);
+        let (class, key, reason) = match lower {
+            Some(c) => {
+                // The newest waiter across the class's keys.
+                let key = self.classes[c]
+                    .keys
+                    .iter()
+                    .filter(|(_, kq)| kq.live > 0)
+                    .filter_map(|(&k, kq)| newest(kq).map(|at| (at, k)))
+                    .max()
+                    .map(|(_, k)| k)?;
+                (c, key, Rejected::Priority)
+            }
+            None if self.policy.max_keys.is_some() => {
+                let class = &self.classes[ticket.class];
+                let mine = class.keys.get(&ticket.key).map_or(0, |kq| kq.live);
+                let (most, key) = class.keys.iter().map(|(&k, kq)| (kq.live, k)).max()?;
+                if mine + 1 > most || key == ticket.key {
+                    return None;
+                }
+                (ticket.class, key, Rejected::FairShare)
+            }
+            None => return None,
+        };
+        let kq = self.classes[class].keys.get_mut(&key)?;
+        while let Some(entry) = kq.entries.pop_back() {
+            if entry.slot.is_waiting() {
+                self.unqueue(Ticket { class, key });
+                entry.slot.finish(SlotState::Displaced(reason), wakes);
+                self.count_key_released(Ticket { class, key });
+                return Some(reason);
+            }
+        }
+        None
+    }
+
+    /// Re-files every live waiter after the class count or fairness changed.
+    fn rebucket(&mut self) {
+        let n = self.policy.reserved.len();
+        let fair = self.policy.max_keys.is_some();
+        let old = std::mem::take(&mut self.classes);
+        self.classes = (0..n).map(|_| ClassQueue::default()).collect();
+        self.live = 0;
+        let mut entries: Vec<(Ticket, Entry)> = Vec::new();
+        for (c, class) in old.into_iter().enumerate() {
+            for (key, kq) in class.keys {
+                for e in kq.entries {
+                    if e.slot.is_waiting() {
+                        let t = Ticket {
+                            class: c.min(n - 1),
+                            key: if fair { key } else { 0 },
+                        };
+                        entries.push((t, e));
+                    }
+                }
+            }
+        }
+        entries.sort_by_key(|(_, e)| e.enqueued_at);
+        let peak = self.peak;
+        let standing = self.standing_since;
+        for (t, e) in entries {
+            e.slot.set_ticket(t);
+            if fair {
+                // `push` counts waiting per key.
+            }
+            self.push(t, e.slot, e.enqueued_at);
+        }
+        self.peak = peak.max(self.live);
+        self.standing_since = standing.or(self.standing_since);
+    }
+
+    /// Finishes every live waiter with `state` (shadow to enforce).
+    fn clear_queues(&mut self, state: SlotState, wakes: &mut WakeList) {
+        for class in &mut self.classes {
+            for kq in class.keys.values_mut() {
+                for e in kq.entries.drain(..) {
+                    if e.slot.is_waiting() {
+                        e.slot.finish(state, wakes);
+                    }
+                }
+            }
+            class.keys.clear();
+            class.live = 0;
+        }
+        self.live = 0;
+        for k in self.keys.values_mut() {
+            k.waiting = 0;
+        }
+        self.keys.retain(|_, k| k.in_flight > 0);
+    }
+}
+
+/// When a key queue's newest live waiter arrived.
+fn newest(kq: &KeyQueue) -> Option<Instant> {
+    kq.entries
+        .iter()
+        .rev()
+        .find(|e| e.slot.is_waiting())
+        .map(|e| e.enqueued_at)
 }
 
 // === impl Slot ===
@@ -568,6 +1217,14 @@ impl State {
 impl Slot {
     fn is_waiting(&self) -> bool {
         self.0.lock().state == SlotState::Waiting
+    }
+
+    fn ticket(&self) -> Ticket {
+        self.0.lock().ticket
+    }
+
+    fn set_ticket(&self, ticket: Ticket) {
+        self.0.lock().ticket = ticket;
     }
 
     /// Moves a waiting slot to `state` and queues its waker.
@@ -588,8 +1245,9 @@ impl Slot {
 // === impl Waiter ===
 
 impl Waiter<'_> {
-    /// Ready once the slot is granted or shed; registers the waker otherwise.
-    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Rejected>> {
+    /// Ready once the slot is granted, shed or displaced; registers the
+    /// waker otherwise.
+    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<Ticket, Rejected>> {
         let mut inner = self.slot.0.lock();
         let outcome = match inner.state {
             SlotState::Waiting => {
@@ -599,7 +1257,8 @@ impl Waiter<'_> {
                 }
                 return Poll::Pending;
             }
-            SlotState::Granted => Ok(()),
+            SlotState::Granted => Ok(inner.ticket),
+            SlotState::Displaced(why) => Err(why),
             SlotState::Shed | SlotState::Done => Err(Rejected::QueueTimeout),
         };
         inner.state = SlotState::Done;
@@ -608,15 +1267,16 @@ impl Waiter<'_> {
     }
 
     /// The wait timer fired. A grant that raced with it wins.
-    fn expire(&mut self) -> Result<(), Rejected> {
+    fn expire(&mut self) -> Result<Ticket, Rejected> {
         self.finished = true;
         let mut st = self.admission.state.lock();
         match self.slot.take_state() {
             SlotState::Waiting => {
-                self.admission.leave(&mut st);
+                self.admission.leave(&mut st, self.slot.ticket());
                 Err(Rejected::QueueTimeout)
             }
-            SlotState::Granted => Ok(()),
+            SlotState::Granted => Ok(self.slot.ticket()),
+            SlotState::Displaced(why) => Err(why),
             SlotState::Shed | SlotState::Done => Err(Rejected::QueueTimeout),
         }
     }
@@ -630,10 +1290,13 @@ impl Drop for Waiter<'_> {
         let mut wakes = WakeList::new();
         let mut st = self.admission.state.lock();
         match self.slot.take_state() {
-            SlotState::Waiting => self.admission.leave(&mut st),
+            SlotState::Waiting => self.admission.leave(&mut st, self.slot.ticket()),
             // Granted but never observed: the permit is ours to pass on.
-            SlotState::Granted => self.admission.release_locked(&mut st, &mut wakes),
-            SlotState::Shed | SlotState::Done => {}
+            SlotState::Granted => {
+                self.admission
+                    .release_locked(&mut st, self.slot.ticket(), &mut wakes)
+            }
+            SlotState::Shed | SlotState::Displaced(_) | SlotState::Done => {}
         }
         drop(st);
         wakes.wake_all();
@@ -683,21 +1346,53 @@ impl fmt::Debug for Admitted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admitted")
             .field("waited", &self.waited)
+            .field("displaced", &self.displaced)
+            .field("shadow", &self.shadow)
             .finish_non_exhaustive()
     }
 }
 
 // === impl Permit ===
 
+impl Permit {
+    /// The class the request was admitted as.
+    pub(crate) fn class(&self) -> usize {
+        self.ticket.class
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.release();
+        let adm = &self.admission;
+        adm.real_in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.ticket.class > 0 || adm.thresholds[1].load(Ordering::Relaxed) > 0 {
+            let _ = adm.class_in_flight[self.ticket.class.min(MAX_CLASSES - 1)].fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            );
+        }
+        if self.epoch != adm.epoch() {
+            // A shadow-to-enforce switch counted this request as enforced.
+            let mut wakes = WakeList::new();
+            let mut st = adm.state.lock();
+            adm.release_locked(&mut st, self.ticket, &mut wakes);
+            drop(st);
+            wakes.wake_all();
+            return;
+        }
+        match self.shadow.take() {
+            Some(hold) => adm.release_shadow(self.ticket, hold),
+            None => adm.release(self.ticket),
+        }
     }
 }
 
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Permit").finish_non_exhaustive()
+        f.debug_struct("Permit")
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
     }
 }
 

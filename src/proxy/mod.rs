@@ -343,6 +343,8 @@ async fn admit(ctx: &Ctx<'_>, headers: &http::HeaderMap) -> Result<Admitted, Pro
     let admitted = match state.admission.acquire(Some(ctx.deadline)).await {
         Ok(a) => a,
         Err(Rejected::QueueFull) => return Err(ctx.shed(Reason::QueueFull)),
+        Err(Rejected::Priority) => return Err(ctx.shed(Reason::Priority)),
+        Err(Rejected::FairShare) => return Err(ctx.shed(Reason::FairShare)),
         Err(Rejected::QueueTimeout) => {
             state.count_timeout(TimeoutStage::Queue);
             return Err(ctx.shed(Reason::QueueTimeout));
