@@ -14,6 +14,7 @@ mod proxy;
 mod registry;
 mod server;
 mod shutdown;
+mod tls;
 
 pub use app::{
     reload_file, serve_signals_and_reloads, start, ConfigWatch, ReloadError, RunningProxy,

@@ -544,7 +544,7 @@ impl Validator<'_> {
 
     /// A certificate and its key: parse, match, validity period.
     fn cert_pair(&mut self, cp: &str, kp: &str, cert: &Path, key: &Path, what: &str) {
-        use crate::server::tls;
+        use crate::tls;
         match tls::load_pair(cert, key) {
             Err(tls::PairError::Cert(m)) => self.error(cp, m),
             Err(tls::PairError::Key(m)) => self.error(kp, m),
@@ -564,7 +564,7 @@ impl Validator<'_> {
         let before = self.issues.len();
         let pb = self.readable_file(path, file);
         if self.issues.len() == before {
-            if let Err(m) = crate::server::tls::load_roots(&pb) {
+            if let Err(m) = crate::tls::load_roots(&pb) {
                 self.error(path, m);
             }
         }

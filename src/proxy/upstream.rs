@@ -31,7 +31,7 @@ use super::headers::Forwarded;
 use super::outcome::{AttemptError, AttemptErrorKind, AttemptOutcome};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::metrics::{LabelCounters, Metrics};
-use crate::server::tls::TlsClient;
+use crate::tls::{ClientTlsSettings, TlsClient};
 
 tokio::task_local! {
     /// The route's `connect` stage histogram, set around an upstream call so the
@@ -109,10 +109,18 @@ impl Upstream {
         http.set_keepalive(Some(Duration::from_secs(60)));
         // The only I/O: reading the TLS files (validated already, a few KiB).
         let tls = match &config.tls {
-            Some(_) => {
+            Some(t) => {
                 // Requests to a TLS upstream carry the `https` scheme.
                 http.enforce_http(false);
-                Some(Arc::new(TlsClient::new(config, metrics)?))
+                let settings = ClientTlsSettings {
+                    server_name: t.server_name.clone(),
+                    ca: t.ca.clone(),
+                    client_cert: t.client_cert.clone(),
+                    client_key: t.client_key.clone(),
+                    alpn_h2: config.protocol == UpstreamProtocol::Http2,
+                    handshake_timeout: config.connect_timeout.0,
+                };
+                Some(Arc::new(TlsClient::new(&config.name, settings, metrics)?))
             }
             None => None,
         };

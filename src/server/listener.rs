@@ -5,7 +5,7 @@
 //! timeout, header size limit (431), and graceful close on drain
 //! (`Connection: close` / GOAWAY).
 //!
-//! With `tls:` (see `tls.rs`) each accepted stream is handshaken first:
+//! With `tls:` (see `crate::tls`) each accepted stream is handshaken first:
 //! bounded by `handshake_timeout`, with at most `max_handshakes` in progress
 //! (accept pauses above it, like `max_connections`, so a flood of half-open
 //! TLS connections costs bounded memory and CPU); ALPN picks HTTP/2 or
@@ -34,10 +34,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::tls::{Alpn, TlsListener};
-use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::config::watch::FileWatch;
+use crate::config::{content_hash, ListenerConfig, ListenerProtocol, ListenerTls};
 use crate::proxy::{self, ConnInfo, Shared};
 use crate::shutdown::{Phase, PhaseWaker, Tracker};
+use crate::tls::{self, Alpn, TlsListener};
 
 /// Runs one listener until the drain reaches `Stopping`.
 ///
@@ -53,8 +54,8 @@ pub(crate) fn serve(
     let tls = cfg.tls.as_ref().map(|t| {
         Arc::new(TlsListener::new(
             &cfg.name,
-            t,
-            cfg.protocol,
+            tls_settings(t, cfg.protocol),
+            content_hash,
             &shared.metrics,
         ))
     });
@@ -85,7 +86,10 @@ async fn accept_loop(
         let shutdown = shared.shutdown.clone();
         let stop = async move { shutdown.reached(Phase::Stopping).await };
         let span = tracing::info_span!("tls_rotation", listener = %cfg.name);
-        Owned(tokio::spawn(t.clone().rotate(stop).instrument(span)))
+        // Against what was loaded: a file replaced between loading and the
+        // watch's first look is reported at once instead of missed.
+        let watch = FileWatch::spawn_with_baseline(t.paths(), tls::ROTATION_DEBOUNCE, t.baseline());
+        Owned(tokio::spawn(t.clone().rotate(watch, stop).instrument(span)))
     });
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -205,6 +209,32 @@ fn identity_headers(shared: &Shared) -> Arc<[HeaderName]> {
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     names.dedup();
     names.into()
+}
+
+/// The listener's `tls:` as the TLS module takes it.
+fn tls_settings(t: &ListenerTls, protocol: ListenerProtocol) -> tls::ListenerTlsSettings {
+    tls::ListenerTlsSettings {
+        files: tls::ListenerTlsFiles {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            client_ca: t.client_ca.clone(),
+        },
+        alpn: match protocol {
+            ListenerProtocol::Auto => tls::ListenerAlpn::Both,
+            ListenerProtocol::Http1 => tls::ListenerAlpn::Http1,
+            ListenerProtocol::Http2 => tls::ListenerAlpn::Http2,
+        },
+        handshake_timeout: t.handshake_timeout.0,
+        max_handshakes: t.max_handshakes,
+        identity_header: t.forward_client_identity_header.clone(),
+    }
+}
+
+/// The config's file watch drives certificate rotation.
+impl tls::FileChanges for FileWatch {
+    fn changed(&mut self) -> impl Future<Output = Option<()>> + Send {
+        FileWatch::changed(self)
+    }
 }
 
 /// Which HTTP a connection is served with.

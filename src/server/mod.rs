@@ -1,4 +1,3 @@
 //! Client-facing listeners.
 
 pub(crate) mod listener;
-pub(crate) mod tls;
