@@ -1,6 +1,10 @@
 //! Every metric Spillway exports: names and help texts in one place, one
 //! non-global `prometheus::Registry` (global statics break test isolation).
-//! Per-route handles are resolved when a route is built, never per request.
+//! Per-route handles are resolved when a route is built; the few families
+//! whose label values are only known once they happen (outcomes, reasons)
+//! go through [`LazyCounters`], which resolves each label tuple on its first
+//! use and keeps the handle, so `with_label_values` runs at most once per
+//! slot, not on every request.
 
 use std::sync::OnceLock;
 
@@ -9,7 +13,7 @@ use prometheus::{
     Registry,
 };
 
-/// 0.5 ms .. 30 s, as the contract asks.
+/// 0.5 ms .. 30 s, as docs/guide.md documents for every histogram.
 pub(crate) const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
