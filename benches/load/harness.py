@@ -761,7 +761,7 @@ def render_overload(res, notes, kind, targets):
 # ---------------------------------------------------------------- main
 
 def rerender(raw_path):
-    """Re-print the tables of a previous run from its raw.json (no load is run)."""
+    """Re-print the tables of a past run from its raw.json (no load is run)."""
     global START_LOAD, ROUNDS, DURATION, OVERLOAD_MULTS
     with open(raw_path) as f:
         log = json.load(f)
