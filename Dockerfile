@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# Spillway's container image: the release binary and the default config on
+# Spillway's container image: the `dist` binary (fat LTO, the build the
+# benchmarks in docs/benchmarks.md measure) and the default config on
 # distroless/cc (glibc and libgcc, no shell, no package manager), as uid 65532.
 #
 #   docker build -t spillway:0.1.0 .
@@ -18,8 +19,8 @@ COPY . .
 # Cache mounts keep the registry and target dir between builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin spillway \
- && install -D -m 0755 target/release/spillway /out/usr/local/bin/spillway \
+    cargo build --profile dist --locked --bin spillway \
+ && install -D -m 0755 target/dist/spillway /out/usr/local/bin/spillway \
  && install -D -m 0644 config/spillway.yaml /out/etc/spillway/spillway.yaml
 
 # TLS is rustls with ring: no OpenSSL needed, glibc and libgcc (unwinding) are.

@@ -292,8 +292,8 @@ impl Core {
     }
 
     /// Reads, validates and applies the file, all under the reload lock so a
-    /// slower read can never overwrite a newer one. Blocking: call it on the
-    /// blocking pool. `Ok(None)`: a file event whose content is already in
+    /// slower read can never overwrite a newer one. Blocking: runs on the reload
+    /// thread (`on_reload_thread`), never on an async worker. `Ok(None)`: a file event whose content is already in
     /// effect (and the last reload succeeded), so nothing was done or counted.
     fn reload_file(&self, path: &Path, trigger: Trigger) -> Result<Option<u64>, ReloadError> {
         let serial = self.reload_lock.lock();
@@ -566,8 +566,8 @@ pub async fn serve_signals_and_reloads(
     Ok(())
 }
 
-/// Reloads the file now, as SIGHUP does: reads, parses and validates it on
-/// the blocking pool, then applies it. Always counted, even when nothing
+/// Reloads the file now, as SIGHUP does: reads, parses, validates and
+/// applies it on the one long-lived reload thread. Always counted, even when nothing
 /// changed. Invalid: the running config stays, every issue is logged with
 /// its file:line:column and field path. Returns whether it was applied.
 pub async fn reload_file(proxy: &RunningProxy, path: &std::path::Path) -> bool {

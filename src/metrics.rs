@@ -1,8 +1,10 @@
 //! Every metric Spillway exports: names and help texts in one place, one
 //! non-global `prometheus::Registry` (global statics break test isolation).
-//! Per-route handles are resolved when a route is built, or (for counters
-//! labelled by an outcome) once per label value on its first use: never by
-//! formatting labels per request.
+//! Per-route handles are resolved when a route is built; the families whose
+//! label values are only known once they happen (outcomes, reasons, timeout
+//! stages, retry causes) go through [`LabelCounters`] / [`PairCounters`],
+//! which resolve each label value on its first use and keep the handle, so
+//! `with_label_values` runs at most once per value, not on every request.
 
 use std::marker::PhantomData;
 use std::sync::OnceLock;
@@ -12,7 +14,7 @@ use prometheus::{
     Registry,
 };
 
-/// 0.5 ms .. 30 s, as the contract asks.
+/// 0.5 ms .. 30 s, as docs/guide.md documents for every histogram.
 pub(crate) const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];

@@ -1,4 +1,4 @@
-//! State that outlives a reload, keyed by name (STYLE rule 3).
+//! State that outlives a reload, keyed by name (CONTRIBUTING.md, rule 3).
 //!
 //! A route keeps its admission controller (in-flight count, queue, waiters),
 //! retry budget and metric handles under its name; an upstream keeps its pool

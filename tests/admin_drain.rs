@@ -1,4 +1,5 @@
-//! Admin endpoints (SPEC §5), metrics (SPEC §6) and graceful drain.
+//! Admin endpoints, metrics and graceful drain (docs/guide.md, "Admin
+//! endpoints and metrics"; docs/kubernetes.md for the drain).
 
 mod support;
 

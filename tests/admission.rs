@@ -1,5 +1,5 @@
-//! Black-box tests of admission control (issue 3): per-route caps, bounded
-//! queues with wait timeouts, shedding, the process-wide cap, fallbacks,
+//! Black-box tests of admission control (docs/guide.md): per-route caps,
+//! bounded queues with wait timeouts, shedding, the process-wide cap, fallbacks,
 //! gRPC-shaped shed replies, adaptive LIFO and their metrics.
 //!
 //! Every test runs against real sockets on 127.0.0.1:0 and is bounded in time.

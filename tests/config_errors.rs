@@ -1,4 +1,4 @@
-//! Config validation (SPEC §1-2): every error class names the file, line and
+//! Config validation (docs/config.md): every error class names the file, line and
 //! column, the field path, what was expected and, where it applies, the
 //! closest valid name; and `spillway check` exit codes.
 

@@ -1,4 +1,4 @@
-//! Black-box tests of the proxy core (issue 2): forwarding, streaming,
+//! Black-box tests of the proxy core: forwarding, streaming,
 //! protocols, header handling, routing, limits and local replies.
 //!
 //! Every test runs against real sockets on 127.0.0.1:0 and is bounded in time.

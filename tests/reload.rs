@@ -1,4 +1,4 @@
-//! Hot reload (SPEC §4, issue 5): the config file is watched (ConfigMap
+//! Hot reload (docs/guide.md): the config file is watched (ConfigMap
 //! symlink swaps, rename-over, delete + re-create, in-place writes), SIGHUP
 //! forces a reload, a bad file never replaces a good config, state survives
 //! under its name, and removed routes drain.
@@ -436,7 +436,7 @@ async fn max_in_flight_follows_the_file_under_load() {
     assert_eq!(node.generation().await, 3);
     eprintln!("write -> spillway_concurrency_limit: {latencies:?}");
     for t in latencies {
-        // The contract says within 1 s; the debounce is 200 ms. Allow for a
+        // A reload must be live within 1 s; the debounce is 200 ms. Allow for a
         // loaded 2-core CI machine without hiding a real regression.
         assert!(t < Duration::from_secs(2), "took {t:?}");
     }

@@ -1,4 +1,4 @@
-//! Black-box tests of resilience (issue 4): stage timeouts, deadline
+//! Black-box tests of resilience: stage timeouts, deadline
 //! propagation, safe retries with budgets and backoff, circuit breakers with
 //! half-open probes, fallbacks, and their metrics.
 //!

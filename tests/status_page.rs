@@ -1,4 +1,4 @@
-//! The /status page (SPEC §5) in a real browser: headless Chromium from
+//! The admin port's /status page in a real browser: headless Chromium from
 //! Debian's `chromium` package loads it while load is running, and the rows it
 //! renders (after its script has refreshed them from /status.json) are checked
 //! against the live state, which /status.json reports too. A screenshot is kept

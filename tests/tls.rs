@@ -1,4 +1,4 @@
-//! TLS (issue 6): termination with ALPN, mutual TLS and the forwarded client
+//! TLS (docs/guide.md): termination with ALPN, mutual TLS and the forwarded client
 //! identity, TLS to upstreams, certificate rotation, handshake limits, and
 //! what `spillway check` says about certificate files.
 //!

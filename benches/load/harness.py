@@ -31,7 +31,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SPILLWAY = os.environ.get("SPILLWAY_BIN", os.path.join(ROOT, "target", "release", "spillway"))
+SPILLWAY = os.environ.get("SPILLWAY_BIN", os.path.join(ROOT, "target", "dist", "spillway"))
 OHA = os.environ.get("OHA_BIN") or shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = int(os.environ.get("DURATION", "10"))  # seconds per measured run
@@ -761,7 +761,7 @@ def render_overload(res, notes, kind, targets):
 # ---------------------------------------------------------------- main
 
 def rerender(raw_path):
-    """Re-print the tables of a previous run from its raw.json (no load is run)."""
+    """Re-print the tables of a past run from its raw.json (no load is run)."""
     global START_LOAD, ROUNDS, DURATION, OVERLOAD_MULTS
     with open(raw_path) as f:
         log = json.load(f)

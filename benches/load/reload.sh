@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Hot reload benchmark (issue 5). usage: benches/load/reload.sh
+# Hot reload benchmark. usage: benches/load/reload.sh
 #
 # 1. Reload latency: rename a new config over the watched file, then poll
 #    /config until the new generation is visible (it serves new requests from
@@ -37,9 +37,9 @@ for tool in wrk python3; do
   fi
 done
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$ROOT" && cargo build --release --locked >&2)
+  (cd "$ROOT" && cargo build --profile dist --locked >&2)
 fi
-export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/release/spillway}"
+export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/dist/spillway}"
 export BENCH_HERE="$HERE"
 
 exec python3 - <<'PY'

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Resilience scenario benchmark (issue 4), on loopback only, side by side in one run:
+# Resilience scenario benchmark, on loopback only, side by side in one run:
 #
 #   flaky   upstream answers 30% of requests 503 at random. Client success rate
 #           and the extra load retries put on the upstream, through: nothing,
@@ -16,7 +16,7 @@
 #        SPILLWAY_BIN SKIP_BUILD=1 APP_CPU GEN_CPU BENCH_TIMEOUT (900 s)
 #
 # Installs what is missing by package name (apt-get: nginx haproxy; cargo: oha),
-# builds Spillway in release mode (cargo waits on its own lock if another build
+# builds Spillway with the `dist` profile (cargo waits on its own lock if another build
 # runs), then runs the harness below (python3, standard library only). Every
 # process it starts is killed by its pid on exit; every load run is bounded.
 # The table is printed and written to a fresh /tmp/spillway-resilience-* dir.
@@ -56,9 +56,9 @@ if ! command -v oha >/dev/null 2>&1; then
 fi
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$ROOT" && cargo build --release --locked >&2)
+  (cd "$ROOT" && cargo build --profile dist --locked >&2)
 fi
-export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/release/spillway}"
+export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/dist/spillway}"
 export OHA_BIN="${OHA_BIN:-$(command -v oha)}"
 
 exec python3 - <<'PY'
@@ -77,7 +77,7 @@ APP_CPU = int(os.environ.get("APP_CPU", _cpus[0]))
 GEN_CPU = int(os.environ.get("GEN_CPU", _cpus[1] if len(_cpus) > 1 else _cpus[0]))
 
 # Spillway's settings, stated once (the table quotes them).
-BUDGET_RATIO, BUDGET_MPS = 0.2, 10          # SPEC defaults
+BUDGET_RATIO, BUDGET_MPS = 0.2, 10          # defaults (docs/config.md)
 BREAKER = dict(failure_threshold=5, recovery_timeout_s=1.0, half_open_calls=3)
 FAIL_AT, RECOVER_AT, END_AT, BURST_AT, BURST_S = 2.0, 12.0, 16.0, 5.0, 3
 
@@ -559,7 +559,7 @@ def main():
              "haproxy": "HAProxy retry-on 503, retries 2",
              "spillway": f"Spillway 3 attempts, budget {BUDGET_RATIO} + {BUDGET_MPS}/s (default)",
              "spillway-b0.5": f"Spillway 3 attempts, budget 0.5 + {BUDGET_MPS}/s"}
-    out = ["# Resilience scenarios (issue 4)", "",
+    out = ["# Resilience scenarios", "",
            f"Loopback, `spillway upstream` (0 ms service time) and the proxy on CPU {APP_CPU}, "
            f"oha / the harness on CPU {GEN_CPU}; one worker per proxy. Extra load = upstream requests "
            f"/ client requests - 1.", "",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Spillway load benchmarks. usage: benches/load/run.sh [core|overload|all]
-# Installs what it needs by package name, builds Spillway in release mode and
+# Installs what it needs by package name, builds Spillway with the `dist` profile
+# (fat LTO, what the Docker image ships) and
 # runs harness.py (python3, standard library only). See benches/load/README.md.
 set -euo pipefail
 
@@ -45,8 +46,8 @@ fi
 
 # --- Spillway ---------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$ROOT" && cargo build --release --locked >&2)
+  (cd "$ROOT" && cargo build --profile dist --locked >&2)
 fi
-export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/release/spillway}"
+export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/dist/spillway}"
 
 exec python3 "$HERE/harness.py" "$SCENARIO"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# TLS termination benchmark (issue 6): full handshakes per second and
+# TLS termination benchmark: full handshakes per second and
 # keep-alive HTTPS requests per second through Spillway, nginx and HAProxy,
 # each terminating the same certificate on loopback, side by side.
 #
@@ -71,9 +71,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   done
 fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$ROOT" && cargo build --release --locked >&2)
+  (cd "$ROOT" && cargo build --profile dist --locked >&2)
 fi
-SPILLWAY="${SPILLWAY_BIN:-$ROOT/target/release/spillway}"
+SPILLWAY="${SPILLWAY_BIN:-$ROOT/target/dist/spillway}"
 
 WORK="$(mktemp -d /tmp/spillway-tls-XXXXXX)"
 echo "work directory: $WORK" >&2

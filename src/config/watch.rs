@@ -1,5 +1,5 @@
-//! Watching files for content changes: the config file today, TLS
-//! certificates next (they reuse [`FileWatch`] as is).
+//! Watching files for content changes: the config file and the listeners'
+//! TLS certificate, key and client CA files.
 //!
 //! notify watches each file's *directory*, never the file itself: a watch on
 //! a file follows its inode, and Kubernetes replaces a ConfigMap by swapping

@@ -33,7 +33,8 @@ pub(crate) fn parse_grpc_timeout(h: &HeaderMap) -> Option<Duration> {
 }
 
 /// Formats a remaining budget as `grpc-timeout`: milliseconds, or microseconds
-/// under 100 ms for precision; at most 8 digits as the spec demands.
+/// under 100 ms for precision; at most 8 digits, as gRPC's HTTP/2 protocol
+/// spec demands.
 pub(crate) fn format_grpc_timeout(d: Duration) -> HeaderValue {
     let ms = d.as_millis();
     let s = if ms < 100 {

@@ -1,6 +1,8 @@
-//! One upstream: its pooled client (hyper-util, HTTP/1.1 or h2c, or either
-//! over TLS), its endpoints with least-loaded power-of-two-choices selection,
-//! and its breaker.
+//! One upstream: its pooled client, its endpoints with least-loaded
+//! power-of-two-choices selection, and its breaker. HTTP/1.1 goes through
+//! Spillway's own client and per-endpoint connection pool (`h1.rs`); HTTP/2
+//! (h2c, or h2 over TLS) through hyper-util's client, one multiplexed
+//! connection per endpoint. Either may run over TLS.
 //! An `Upstream` outlives reloads that do not change its endpoints or protocol,
 //! so its pool and breaker state survive.
 

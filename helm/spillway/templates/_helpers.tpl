@@ -148,7 +148,7 @@ data:
 {{ include "spillway.sidecar.config" . | indent 4 }}
 {{- end }}
 
-{{/* drain.grace and drain.timeout in whole seconds (SPEC defaults 5s / 30s). */}}
+{{/* drain.grace and drain.timeout in whole seconds (defaults 5s / 30s, docs/config.md). */}}
 {{- define "spillway.sidecar.drainSeconds" -}}
 {{- $drain := .values.config.drain | default dict -}}
 {{- $grace := include "spillway.durationSeconds" ($drain.grace | default "5s") | int -}}
