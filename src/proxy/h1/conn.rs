@@ -9,24 +9,25 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
 
 use super::decode::{decode_step, parse_head, Decode, Head, Step};
 use super::encode::{framing, push_hex, Framing};
 use super::pool::Pool;
+use super::Io;
 use super::{Error, MAX_HEAD, MAX_READ, READ_CHUNK};
 use crate::proxy::body::{BoxError, UpstreamBody};
 use crate::proxy::upstream::UpstreamIo;
 
 /// An upstream connection and its read buffer, which stays with it in the
 /// pool so a request on a pooled connection allocates no buffer.
-pub(crate) struct Conn {
-    pub(super) io: UpstreamIo,
+pub(crate) struct Conn<T = UpstreamIo> {
+    pub(super) io: T,
     pub(super) buf: BytesMut,
 }
 
-impl Conn {
-    pub(crate) fn new(io: UpstreamIo) -> Self {
+impl<T> Conn<T> {
+    /// A connection that has not carried an exchange yet.
+    pub(crate) fn new(io: T) -> Self {
         Conn {
             io,
             buf: BytesMut::new(),
@@ -72,11 +73,7 @@ impl Sender {
     /// Writes what can be written. `Ready(Ok)` once everything is on the
     /// wire; `Ready(Err)` only for a failure of the client's body (a write
     /// failure marks the sender broken instead: the response may still come).
-    fn poll_send(
-        &mut self,
-        io: &mut UpstreamIo,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(), BoxError>> {
+    fn poll_send<T: Io>(&mut self, io: &mut T, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
             while !self.queue.is_empty() {
                 let mut slices = [IoSlice::new(&[]); QUEUE];
@@ -224,15 +221,15 @@ impl WriteQueue {
 }
 
 /// One connection in use by one exchange.
-struct Wire {
-    io: UpstreamIo,
+struct Wire<T> {
+    io: T,
     buf: BytesMut,
-    pool: Arc<Pool>,
+    pool: Arc<Pool<T>>,
     /// How much to make room for when the buffer runs out.
     next_read: usize,
 }
 
-impl Wire {
+impl<T: Io> Wire<T> {
     /// Reads more into the buffer; `Ready(Ok(0))` is the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let spare = self.buf.capacity() - self.buf.len();
@@ -256,14 +253,14 @@ impl Wire {
 /// response body is returned unread, as an [`H1Body`] that owns the
 /// connection. `reused` says whether `io` came from the pool, which makes a
 /// connection found closed before any response byte a [`Error::Stale`].
-pub(crate) fn exchange(
-    conn: Conn,
+pub(crate) fn exchange<T: Io>(
+    conn: Conn<T>,
     reused: bool,
     head: Bytes,
     body: UpstreamBody,
     method: &Method,
-    pool: Arc<Pool>,
-) -> ExchangeFuture {
+    pool: Arc<Pool<T>>,
+) -> ExchangeFuture<T> {
     let chunked = framing(&body) == Framing::Chunked;
     let mut queue = WriteQueue::default();
     queue.push_back(head);
@@ -308,15 +305,15 @@ pub(crate) fn exchange(
 
 /// An exchange until its response head (a plain struct rather than an
 /// `async fn`, so the request future that holds it stays small).
-pub(crate) struct ExchangeFuture {
-    ex: Exchange,
+pub(crate) struct ExchangeFuture<T = UpstreamIo> {
+    ex: Exchange<T>,
     reused: bool,
     is_head: bool,
     idempotent: bool,
 }
 
-impl std::future::Future for ExchangeFuture {
-    type Output = Result<Response<H1Body>, Error>;
+impl<T: Io> std::future::Future for ExchangeFuture<T> {
+    type Output = Result<Response<H1Body<T>>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -349,17 +346,17 @@ enum HeadError {
     Body(BoxError),
 }
 
-struct Exchange {
-    wire: Option<Wire>,
+struct Exchange<T> {
+    wire: Option<Wire<T>>,
     sender: Sender,
 }
 
-impl Exchange {
+impl<T: Io> Exchange<T> {
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         is_head: bool,
-    ) -> Poll<Result<Response<H1Body>, HeadError>> {
+    ) -> Poll<Result<Response<H1Body<T>>, HeadError>> {
         let Some(wire) = self.wire.as_mut() else {
             return Poll::Ready(Err(HeadError::Reset("exchange already finished".into())));
         };
@@ -409,7 +406,7 @@ impl Exchange {
     }
 
     /// The response body for a final head.
-    fn body_for(&mut self, head: Head) -> Result<Response<H1Body>, HeadError> {
+    fn body_for(&mut self, head: Head) -> Result<Response<H1Body<T>>, HeadError> {
         let sender = std::mem::replace(&mut self.sender, Sender::finished());
         let sender = (!sender.done()).then_some(sender);
         let state = match head.decode {
@@ -428,9 +425,9 @@ impl Exchange {
 
 /// A response body read from the upstream connection it owns. The
 /// connection returns to the pool when the body ends cleanly.
-pub(crate) struct H1Body {
+pub(crate) struct H1Body<T = UpstreamIo> {
     state: State,
-    wire: Option<Wire>,
+    wire: Option<Wire<T>>,
     /// The request body, when it is still being written (full duplex).
     sender: Option<Sender>,
     keep_alive: bool,
@@ -446,13 +443,15 @@ enum State {
 
 /// A `101 Switching Protocols` upstream side: the connection and any bytes
 /// the upstream sent after the head.
-pub(crate) struct Upgraded {
-    pub io: UpstreamIo,
+pub(crate) struct Upgraded<T = UpstreamIo> {
+    /// The connection, now carrying the upgraded protocol.
+    pub io: T,
+    /// What the upstream sent after the `101` head.
     pub read_ahead: Bytes,
 }
 
-impl H1Body {
-    fn new(state: State, wire: Wire, sender: Option<Sender>, keep_alive: bool) -> Self {
+impl<T: Io> H1Body<T> {
+    fn new(state: State, wire: Wire<T>, sender: Option<Sender>, keep_alive: bool) -> Self {
         let mut body = H1Body {
             state,
             wire: Some(wire),
@@ -489,7 +488,7 @@ impl H1Body {
     }
 
     /// Takes the connection of a `101` response for tunnelling.
-    pub(crate) fn take_upgraded(&mut self) -> Option<Upgraded> {
+    pub(crate) fn take_upgraded(&mut self) -> Option<Upgraded<T>> {
         if self.state != State::Upgraded {
             return None;
         }
@@ -512,7 +511,7 @@ impl std::fmt::Display for ReadError {
 }
 
 impl std::error::Error for ReadError {}
-impl Body for H1Body {
+impl<T: Io> Body for H1Body<T> {
     type Data = Bytes;
     type Error = BoxError;
 

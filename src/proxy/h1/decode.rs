@@ -6,7 +6,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 
-use super::conn::H1Body;
 use super::{MAX_CHUNK_LINE, MAX_HEADERS, MAX_TRAILERS};
 
 // === response head ===
@@ -19,7 +18,7 @@ pub(super) struct Head {
 }
 
 impl Head {
-    pub(super) fn into_response(self, body: H1Body) -> Response<H1Body> {
+    pub(super) fn into_response<B>(self, body: B) -> Response<B> {
         let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
         *resp.version_mut() = Version::HTTP_11;

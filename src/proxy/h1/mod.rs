@@ -32,7 +32,17 @@ pub(crate) use conn::{exchange, Conn, H1Body, Upgraded};
 pub(crate) use encode::encode_head;
 pub(crate) use pool::Pool;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use super::body::{BoxError, UpstreamBody};
+
+/// What the client runs on: a socket in production ([`UpstreamIo`]), a
+/// scripted byte stream in tests.
+///
+/// [`UpstreamIo`]: super::upstream::UpstreamIo
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// Largest response head (status line + headers) accepted from an upstream.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -60,3 +70,8 @@ pub(crate) enum Error {
     /// The client's request body failed (limit, stall, or its connection).
     Body(BoxError),
 }
+
+#[cfg(test)]
+mod script;
+#[cfg(test)]
+mod tests;

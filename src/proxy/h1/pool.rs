@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::ReadBuf;
 use tokio::time::Instant;
 
 use super::conn::Conn;
+use super::Io;
 use super::READ_CHUNK;
 use crate::proxy::upstream::UpstreamIo;
 
@@ -21,14 +22,14 @@ use crate::proxy::upstream::UpstreamIo;
 /// `pool.idle_timeout` is closed when the pool is next touched, and one the
 /// upstream has closed is noticed at checkout without a system call (the
 /// readiness the event loop already recorded).
-pub(crate) struct Pool {
-    idle: Mutex<VecDeque<IdleConn>>,
+pub(crate) struct Pool<T = UpstreamIo> {
+    idle: Mutex<VecDeque<IdleConn<T>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
-struct IdleConn {
-    conn: Conn,
+struct IdleConn<T> {
+    conn: Conn<T>,
     since: Instant,
 }
 
@@ -39,7 +40,7 @@ const BUFFERED_IDLE: usize = 16;
 /// stays at most this much per pooled connection).
 const KEEP_BUFFER: usize = READ_CHUNK;
 
-impl Pool {
+impl<T: Io> Pool<T> {
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Pool {
             idle: Mutex::new(VecDeque::new()),
@@ -49,7 +50,7 @@ impl Pool {
     }
 
     /// The most recently used live connection, if any.
-    pub(crate) fn checkout(&self) -> Option<Conn> {
+    pub(crate) fn checkout(&self) -> Option<Conn<T>> {
         loop {
             let candidate = {
                 let mut idle = self.idle.lock();
@@ -71,7 +72,7 @@ impl Pool {
     }
 
     /// Returns a connection whose exchange ended cleanly.
-    pub(super) fn checkin(&self, mut conn: Conn) {
+    pub(super) fn checkin(&self, mut conn: Conn<T>) {
         if self.max_idle == 0 {
             return;
         }
@@ -102,7 +103,7 @@ impl Pool {
 
 /// An idle connection is usable when reading it would block: end of stream
 /// or unexpected bytes mean the upstream closed it or broke the protocol.
-fn is_alive(io: &mut UpstreamIo) -> bool {
+fn is_alive<T: Io>(io: &mut T) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
