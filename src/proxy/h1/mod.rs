@@ -30,7 +30,7 @@ mod pool;
 
 pub(crate) use conn::{exchange, Conn, H1Body, Upgraded};
 pub(crate) use encode::encode_head;
-pub(crate) use pool::Pool;
+pub(crate) use pool::{Pool, Reaper};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -50,6 +50,11 @@ pub(crate) const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (size, extensions, CRLF).
 const MAX_CHUNK_LINE: usize = 4096;
+/// Total bytes of chunk extensions in one response body: they are skipped,
+/// so without a total an upstream could stream them forever.
+const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
+/// Informational (1xx) responses accepted before the final one.
+const MAX_INFORMATIONAL: usize = 16;
 /// Largest trailer section.
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Read buffer size at first; it doubles (up to [`MAX_READ`]) while reads

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Weak;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -71,6 +72,28 @@ impl<T: Io> Pool<T> {
         }
     }
 
+    /// Closes the idle connections that have expired or that the upstream
+    /// closed (or sent stray bytes on). Connections are dropped outside the
+    /// lock: closing a socket is a system call.
+    fn reap(&self) {
+        let now = Instant::now();
+        let dropped: Vec<IdleConn<T>> = {
+            let mut idle = self.idle.lock();
+            let mut dropped = Vec::new();
+            let mut kept = VecDeque::with_capacity(idle.len());
+            for mut c in idle.drain(..) {
+                if now.duration_since(c.since) >= self.idle_timeout || !is_alive(&mut c.conn.io) {
+                    dropped.push(c);
+                } else {
+                    kept.push_back(c);
+                }
+            }
+            *idle = kept;
+            dropped
+        };
+        drop(dropped);
+    }
+
     /// Returns a connection whose exchange ended cleanly.
     pub(super) fn checkin(&self, mut conn: Conn<T>) {
         if self.max_idle == 0 {
@@ -101,6 +124,71 @@ impl<T: Io> Pool<T> {
     }
 }
 
+/// How often the reaper looks at idle connections: half the idle timeout,
+/// so a connection outlives it by at most that much, within [100ms, 5s].
+pub(crate) fn reap_period(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// The background task that closes one upstream's expired idle connections,
+/// so a quiet endpoint does not hold sockets (half-closed by the upstream)
+/// until its next request. It holds the pools weakly and ends when they are
+/// gone; dropping the `Reaper` (with its upstream) stops it at once.
+pub(crate) struct Reaper {
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Reaper {
+    /// Starts the reaper for `pools` (one upstream's endpoints), named
+    /// `upstream` in its logs. Needs a Tokio runtime.
+    pub(crate) fn spawn<T: Io>(upstream: &str, pools: Vec<Weak<Pool<T>>>) -> Reaper {
+        let upstream = upstream.to_string();
+        let period = pools
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| reap_period(p.idle_timeout))
+            .min()
+            .unwrap_or(Duration::from_secs(5));
+        let task = async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tracing::debug!(upstream = %upstream, ?period, "idle connection reaper started");
+            loop {
+                tick.tick().await;
+                let mut any = false;
+                for pool in pools.iter().filter_map(Weak::upgrade) {
+                    any = true;
+                    pool.reap();
+                }
+                if !any {
+                    break;
+                }
+            }
+            tracing::debug!(upstream = %upstream, "idle connection reaper stopped: upstream gone");
+        };
+        Reaper {
+            handle: Some(tokio::spawn(task)),
+        }
+    }
+
+    /// The task's handle, to await its end (it is no longer stopped on drop).
+    #[cfg(test)]
+    pub(crate) fn into_handle(mut self) -> tokio::task::JoinHandle<()> {
+        match self.handle.take() {
+            Some(h) => h,
+            None => tokio::spawn(async {}),
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
 /// An idle connection is usable when reading it would block: end of stream
 /// or unexpected bytes mean the upstream closed it or broke the protocol.
 fn is_alive<T: Io>(io: &mut T) -> bool {
@@ -113,6 +201,9 @@ fn is_alive<T: Io>(io: &mut T) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::h1::script::{Ev, Script};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
     #[tokio::test]
@@ -178,5 +269,55 @@ mod tests {
             "expired connections are closed, not handed out"
         );
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reaper_closes_idle_connections_without_further_requests() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let idle_timeout = Duration::from_secs(10);
+        let pool = Arc::new(Pool::new(8, idle_timeout));
+        let reaper = Reaper::spawn("app", vec![Arc::downgrade(&pool)]);
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = l.accept().await.unwrap();
+        pool.checkin(Conn::new(UpstreamIo::Plain(client)));
+        let start = Instant::now();
+        // The upstream sees its connection closed: no request touched the pool.
+        let mut byte = [0u8; 1];
+        assert_eq!(server.read(&mut byte).await.unwrap(), 0);
+        let waited = start.elapsed();
+        assert!(
+            waited >= idle_timeout,
+            "not before the idle timeout: {waited:?}"
+        );
+        assert!(
+            waited <= idle_timeout + reap_period(idle_timeout),
+            "within one period after it: {waited:?}"
+        );
+        assert_eq!(pool.idle_count(), 0);
+        drop(reaper);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reaper_drops_connections_the_upstream_closed_and_stops_with_the_pool() {
+        let pool = Arc::new(Pool::new(8, Duration::from_secs(60)));
+        let reaper = Reaper::spawn("app", vec![Arc::downgrade(&pool)]);
+        let (open, io) = Script::new([]);
+        pool.checkin(Conn::new(io));
+        let (closed, io) = Script::new([]);
+        pool.checkin(Conn::new(io));
+        closed.push(Ev::Eof);
+        tokio::time::sleep(reap_period(Duration::from_secs(60)) * 2).await;
+        assert!(closed.closed(), "closed by the upstream: dropped");
+        assert!(!open.closed(), "still idle and open: kept");
+        assert_eq!(pool.idle_count(), 1);
+        drop(pool);
+        // With no pool left the task ends by itself.
+        let handle = reaper.into_handle();
+        tokio::time::timeout(Duration::from_secs(60), handle)
+            .await
+            .expect("the reaper stops once its pools are gone")
+            .unwrap();
+        assert!(open.closed());
     }
 }
