@@ -14,7 +14,7 @@ use super::decode::{decode_step, parse_head, Decode, Head, Step};
 use super::encode::{framing, push_hex, Framing};
 use super::pool::Pool;
 use super::Io;
-use super::{Error, MAX_HEAD, MAX_READ, READ_CHUNK};
+use super::{Error, MAX_CHUNK_EXTENSIONS, MAX_HEAD, MAX_INFORMATIONAL, MAX_READ, READ_CHUNK};
 use crate::proxy::body::{BoxError, UpstreamBody};
 use crate::proxy::upstream::UpstreamIo;
 
@@ -263,7 +263,7 @@ pub(crate) fn exchange<T: Io>(
 ) -> ExchangeFuture<T> {
     let chunked = framing(&body) == Framing::Chunked;
     let mut queue = WriteQueue::default();
-    queue.push_back(head);
+    queue.push_back(head.clone());
     let mut ended = false;
     let body = match body {
         UpstreamBody::Replay(Some(b)) => {
@@ -281,6 +281,8 @@ pub(crate) fn exchange<T: Io>(
     };
     ExchangeFuture {
         ex: Exchange {
+            request_head: head,
+            informational: 0,
             wire: Some(Wire {
                 io: conn.io,
                 buf: conn.buf,
@@ -348,6 +350,11 @@ enum HeadError {
 
 struct Exchange<T> {
     wire: Option<Wire<T>>,
+    /// The request head as written: a `101` is only valid when it asked
+    /// for an upgrade.
+    request_head: Bytes,
+    /// Informational responses seen so far.
+    informational: usize,
     sender: Sender,
 }
 
@@ -369,13 +376,30 @@ impl<T: Io> Exchange<T> {
             if !wire.buf.is_empty() {
                 match parse_head(&mut wire.buf, is_head) {
                     Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
-                        let Some(wire) = self.wire.take() else {
-                            return Poll::Pending;
-                        };
-                        let body = H1Body::new(State::Upgraded, wire, None, false);
-                        return Poll::Ready(Ok(head.into_response(body)));
+                        if !asks_upgrade(&self.request_head) {
+                            return Poll::Ready(Err(HeadError::Reset(
+                                "upstream switched protocols without an upgrade request".into(),
+                            )));
+                        }
+                        // The wire is taken here, never found missing: `wire`
+                        // above is this same `Option`, so every return is Ready.
+                        return Poll::Ready(match self.wire.take() {
+                            Some(wire) => {
+                                let body = H1Body::new(State::Upgraded, wire, None, false);
+                                Ok(head.into_response(body))
+                            }
+                            None => Err(HeadError::Reset("exchange already finished".into())),
+                        });
                     }
-                    Ok(Some(head)) if head.status.is_informational() => continue,
+                    Ok(Some(head)) if head.status.is_informational() => {
+                        self.informational += 1;
+                        if self.informational > MAX_INFORMATIONAL {
+                            return Poll::Ready(Err(HeadError::Reset(
+                                "upstream sent too many informational responses".into(),
+                            )));
+                        }
+                        continue;
+                    }
                     Ok(Some(head)) => return Poll::Ready(self.body_for(head)),
                     Ok(None) if wire.buf.len() > MAX_HEAD => {
                         return Poll::Ready(Err(HeadError::Reset(
@@ -421,6 +445,13 @@ impl<T: Io> Exchange<T> {
     }
 }
 
+/// Whether an encoded request head (lower-case names, see
+/// [`encode_head`](super::encode_head)) carries an `Upgrade` header.
+fn asks_upgrade(head: &[u8]) -> bool {
+    const NAME: &[u8] = b"\r\nupgrade:";
+    head.windows(NAME.len()).any(|w| w == NAME)
+}
+
 // === response body ===
 
 /// A response body read from the upstream connection it owns. The
@@ -431,6 +462,8 @@ pub(crate) struct H1Body<T = UpstreamIo> {
     /// The request body, when it is still being written (full duplex).
     sender: Option<Sender>,
     keep_alive: bool,
+    /// What remains of the chunk-extension budget.
+    ext_left: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -457,6 +490,7 @@ impl<T: Io> H1Body<T> {
             wire: Some(wire),
             sender,
             keep_alive,
+            ext_left: MAX_CHUNK_EXTENSIONS,
         };
         if body.state == State::Done {
             body.end();
@@ -542,7 +576,7 @@ impl<T: Io> Body for H1Body<T> {
             let Some(wire) = this.wire.as_mut() else {
                 return Poll::Ready(None);
             };
-            match decode_step(decode, &mut wire.buf) {
+            match decode_step(decode, &mut wire.buf, &mut this.ext_left) {
                 Step::Data(data, Some(next)) => {
                     this.state = State::Reading(next);
                     return Poll::Ready(Some(Ok(Frame::data(data))));

@@ -178,7 +178,10 @@ fn find_within(buf: &[u8], delim: &[u8], limit: usize, too_long: &str) -> Result
     }
 }
 
-pub(super) fn decode_step(decode: Decode, buf: &mut BytesMut) -> Step {
+/// One step of decoding `buf` as `decode`. `ext_left` is what remains of the
+/// body's budget for chunk extensions, which are skipped but not free: each
+/// line is bounded, and so is their total.
+pub(super) fn decode_step(decode: Decode, buf: &mut BytesMut, ext_left: &mut usize) -> Step {
     match decode {
         Decode::Length(0) => Step::End(None),
         Decode::Length(n) => {
@@ -206,12 +209,19 @@ pub(super) fn decode_step(decode: Decode, buf: &mut BytesMut) -> Step {
                 .iter()
                 .position(|b| !b.is_ascii_hexdigit())
                 .unwrap_or(line.len());
+            // Optional whitespace (RFC 9112 §7.1.1 BWS), then extensions or nothing.
             let rest = &line[digits..];
-            if digits == 0
-                || digits > 16
-                || !(rest.is_empty() || rest[0] == b';' || rest[0] == b' ' || rest[0] == b'\t')
-            {
+            let ws = rest
+                .iter()
+                .position(|b| *b != b' ' && *b != b'\t')
+                .unwrap_or(rest.len());
+            let ext = &rest[ws..];
+            if digits == 0 || digits > 16 || !(ext.is_empty() || ext[0] == b';') {
                 return Step::Invalid("invalid upstream chunk size".into());
+            }
+            match ext_left.checked_sub(rest.len()) {
+                Some(left) => *ext_left = left,
+                None => return Step::Invalid("upstream chunk extensions too large".into()),
             }
             let mut size: u64 = 0;
             for &b in &line[..digits] {
@@ -289,6 +299,7 @@ pub(super) fn decode_step(decode: Decode, buf: &mut BytesMut) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::h1::MAX_CHUNK_EXTENSIONS;
 
     fn decode_all(
         mut decode: Decode,
@@ -296,8 +307,9 @@ mod tests {
     ) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
+        let mut ext_left = MAX_CHUNK_EXTENSIONS;
         loop {
-            match decode_step(decode, &mut buf) {
+            match decode_step(decode, &mut buf, &mut ext_left) {
                 Step::Data(d, next) => {
                     out.extend_from_slice(&d);
                     match next {
@@ -360,7 +372,7 @@ mod tests {
     fn length_and_eof_bodies() {
         assert_eq!(decode_all(Decode::Length(3), b"abc").unwrap().0, b"abc");
         let mut buf = BytesMut::from(&b"abcdef"[..]);
-        match decode_step(Decode::Length(3), &mut buf) {
+        match decode_step(Decode::Length(3), &mut buf, &mut 0) {
             Step::Data(d, None) => assert_eq!(&d[..], b"abc"),
             _ => panic!("expected the last frame"),
         }

@@ -446,3 +446,74 @@ async fn a_response_before_the_request_body_is_sent_is_passed_on_and_not_reused(
     assert!(script.written().starts_with(b"POST / HTTP/1.1\r\n"));
     assert!(script.closed());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_101_to_a_request_that_did_not_ask_to_upgrade_is_a_reset() {
+    let (got, _, script) = run_with(
+        split(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+            &[],
+            false,
+        ),
+        get(),
+        |_, _| {},
+    )
+    .await;
+    assert!(
+        got.unwrap_err().starts_with("reset"),
+        "no tunnel was asked for"
+    );
+    assert!(script.closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn informational_responses_are_bounded() {
+    let final_head: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let with = |n: usize| {
+        let mut raw = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(n);
+        raw.extend_from_slice(final_head);
+        vec![Ev::Data(raw.into())]
+    };
+    let (got, _) = run(with(super::MAX_INFORMATIONAL), get()).await;
+    assert_eq!(got.unwrap().status, 200);
+    let (got, _) = run(with(super::MAX_INFORMATIONAL + 1), get()).await;
+    assert!(got.unwrap_err().contains("informational"));
+    // Endless ones, never a final response: an error, not a wait for the timeout.
+    let (got, _) = run(with(1000), get()).await;
+    assert!(got.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn chunk_extensions_have_a_total_budget() {
+    let ext = "a".repeat(3000);
+    let mut raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let chunks = super::MAX_CHUNK_EXTENSIONS / 3000 + 1;
+    for _ in 0..chunks {
+        raw.extend_from_slice(format!("1;{ext}\r\nx\r\n").as_bytes());
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let (got, _) = run(vec![Ev::Data(raw.into())], get()).await;
+    assert!(
+        got.unwrap_err().contains("extensions"),
+        "each line fits, the total does not"
+    );
+    // Within the budget: fine.
+    let raw =
+        format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;{ext}\r\nx\r\n0\r\n\r\n");
+    let (got, _) = run(vec![data(raw.as_bytes())], get()).await;
+    assert_eq!(got.unwrap().body, b"x");
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_whitespace_then_an_extension_may_follow_a_chunk_size() {
+    for size in ["5 x", "5\tx", "5 ;x"] {
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{size}\r\nhello\r\n0\r\n\r\n"
+        );
+        let (got, _) = run(split(raw.as_bytes(), &[], false), get()).await;
+        match size {
+            "5 ;x" => assert_eq!(got.unwrap().body, b"hello"),
+            _ => assert!(got.is_err(), "chunk size {size:?}: {got:?}"),
+        }
+    }
+}
