@@ -55,6 +55,9 @@ pub(crate) struct Upstream {
     metrics: Arc<Metrics>,
     /// Removes this upstream's metric series when it is the last user.
     _series: crate::registry::UpstreamSeries,
+    /// Closes the endpoints' expired idle HTTP/1.1 connections; stops with
+    /// this upstream.
+    _reaper: Option<h1::Reaper>,
 }
 
 /// One `host:port` of an upstream.
@@ -181,6 +184,16 @@ impl Upstream {
                 }),
             )
         });
+        // One task per upstream (not per connection), only where a pool can
+        // hold connections, and only inside a runtime (config checks build
+        // upstreams without one).
+        let reaper = (client.is_none()
+            && config.pool.max_idle_per_endpoint > 0
+            && tokio::runtime::Handle::try_current().is_ok())
+        .then(|| {
+            let pools = endpoints.iter().map(|e| Arc::downgrade(&e.pool)).collect();
+            h1::Reaper::spawn(&config.name, pools)
+        });
         Ok(Upstream {
             name: config.name.clone(),
             config: config.clone(),
@@ -190,6 +203,7 @@ impl Upstream {
             breaker,
             metrics: metrics.clone(),
             _series: series,
+            _reaper: reaper,
         })
     }
 
