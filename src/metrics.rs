@@ -150,6 +150,16 @@ impl<const N: usize> LazyCounters<N> {
             .map_or(0, IntCounter::get)
     }
 
+    /// Sum over every slot: the family's total for this route, whatever the
+    /// slots stand for.
+    pub(crate) fn total(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(IntCounter::get)
+            .sum()
+    }
+
     /// Increments slot `i`, resolving its labels on first use.
     pub(crate) fn inc(&self, i: usize, vec: &IntCounterVec, labels: impl FnOnce() -> Vec<String>) {
         if let Some(slot) = self.slots.get(i) {
