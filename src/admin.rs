@@ -354,7 +354,7 @@ fn status_html(v: &serde_json::Value) -> String {
 <h2>Routes</h2>
 <table id="routes"><thead><tr><th>route</th><th>upstream</th><th>in-flight / cap</th><th>queue / capacity</th><th>peak</th><th>rejections</th><th>recent rej/s</th><th>breaker</th><th>requests</th></tr></thead>
 <tbody>{routes}</tbody></table>
-<h2>Last 5 minutes <small>one sample per second; newest on the right</small></h2>
+<h2>Last 5 minutes <small>one sample per second, newest on the right</small></h2>
 <table id="charts"><thead><tr><th>route</th>{chart_heads}</tr></thead>
 <tbody>{charts}</tbody></table>
 <h2>Upstreams</h2>
@@ -367,7 +367,8 @@ fn status_html(v: &serde_json::Value) -> String {
         css = STATUS_CSS,
         js = STATUS_JS
             .replace("__REFRESH_MS__", &(refresh * 1000).to_string())
-            .replace("__SAMPLES__", &series::SAMPLES.to_string()),
+            .replace("__SAMPLES__", &series::SAMPLES.to_string())
+            .replace("__MIN_SPAN__", &SPARK_MIN_SPAN.to_string()),
         version = esc(v["version"].as_str().unwrap_or("")),
         generation = v["generation"],
         loaded = iso_utc(v["loaded_at_unix"].as_f64().unwrap_or(0.0)),
@@ -460,8 +461,12 @@ const CHARTS: [Chart; 5] = [
     },
 ];
 
-/// Height of a sparkline in its own units; its width is one unit per sample.
+/// Height of a sparkline in its own units; its width is one unit per sample
+/// of a full series.
 const SPARK_H: f64 = 30.0;
+
+/// The fewest samples a sparkline's x axis spans (a minute).
+const SPARK_MIN_SPAN: usize = 60;
 
 fn chart_row(r: &serde_json::Value) -> String {
     let name = esc(r["name"].as_str().unwrap_or(""));
@@ -475,15 +480,20 @@ fn chart_row(r: &serde_json::Value) -> String {
                 .map(serde_json::Value::as_f64)
                 .collect();
             let last = values.last().copied().flatten();
-            let max = values.iter().flatten().copied().fold(None, |m: Option<f64>, v| {
-                Some(m.map_or(v, |m| m.max(v)))
-            });
+            let max = values
+                .iter()
+                .flatten()
+                .copied()
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
             format!(
-                "<td class=\"{class}\">{svg}<span class=\"num\">{last}{unit}</span> <small>max {max}</small></td>",
+                "<td class=\"{class}\">{svg}<span class=\"num\">{last}{unit}</span>{max}</td>",
                 class = c.class,
                 svg = sparkline(c.class, &values),
                 last = esc(&fmt_num(last)),
-                max = esc(&fmt_num(max)),
+                max = max.map_or(String::new(), |m| format!(
+                    " <small>max {}</small>",
+                    esc(&fmt_num(Some(m)))
+                )),
                 unit = if last.is_some() { c.unit } else { "" },
             )
         })
@@ -505,13 +515,18 @@ fn sparkline(class: &str, values: &[Option<f64>]) -> String {
 fn spark_path(values: &[Option<f64>]) -> String {
     use std::fmt::Write;
     let max = values.iter().flatten().copied().fold(0.0, f64::max);
+    // 3 units of margin keep a flat line at 0 or at the maximum visible.
     let scale = if max > 0.0 {
-        (SPARK_H - 2.0) / max
+        (SPARK_H - 6.0) / max
     } else {
         0.0
     };
     let values = &values[values.len().saturating_sub(series::SAMPLES)..];
-    let offset = series::SAMPLES - values.len();
+    // The x axis spans the samples there are, at least a minute's worth, so a
+    // freshly started proxy's first seconds are not a speck at the edge.
+    let span = values.len().clamp(SPARK_MIN_SPAN, series::SAMPLES);
+    let offset = span - values.len();
+    let step = (series::SAMPLES - 1) as f64 / (span - 1) as f64;
     let mut d = String::new();
     let mut pen = false;
     for (i, v) in values.iter().enumerate() {
@@ -524,7 +539,8 @@ fn spark_path(values: &[Option<f64>]) -> String {
                 } else {
                     " M"
                 };
-                let _ = write!(d, "{cmd}{} {:.1}", offset + i, SPARK_H - 1.0 - v * scale);
+                let x = (offset + i) as f64 * step;
+                let _ = write!(d, "{cmd}{x:.1} {:.1}", SPARK_H - 3.0 - v * scale);
                 pen = true;
             }
             None => pen = false,
@@ -688,6 +704,7 @@ const STATUS_JS: &str = r##"(function () {
   var REFRESH_MS = __REFRESH_MS__;
   var SAMPLES = __SAMPLES__;
   var SPARK_H = 30;
+  var MIN_SPAN = __MIN_SPAN__;
   var SVG = "http://www.w3.org/2000/svg";
   var CHARTS = [["requests_per_s", "req", ""], ["p99_ms", "p99", " ms"], ["rejections_per_s", "rej", ""],
                 ["queue_depth", "depth", ""], ["concurrency_limit", "limit", ""]];
@@ -727,12 +744,13 @@ const STATUS_JS: &str = r##"(function () {
   function sparkPath(values) {
     var max = 0;
     values.forEach(function (v) { if (v !== null && v > max) max = v; });
-    var scale = max > 0 ? (SPARK_H - 2) / max : 0;
+    var scale = max > 0 ? (SPARK_H - 6) / max : 0;
     values = values.slice(Math.max(0, values.length - SAMPLES));
-    var offset = SAMPLES - values.length, d = "", pen = false;
+    var span = Math.min(SAMPLES, Math.max(MIN_SPAN, values.length));
+    var offset = span - values.length, step = (SAMPLES - 1) / (span - 1), d = "", pen = false;
     values.forEach(function (v, i) {
       if (v === null) { pen = false; return; }
-      d += (pen ? " L" : d === "" ? "M" : " M") + (offset + i) + " " + (SPARK_H - 1 - v * scale).toFixed(1);
+      d += (pen ? " L" : d === "" ? "M" : " M") + ((offset + i) * step).toFixed(1) + " " + (SPARK_H - 3 - v * scale).toFixed(1);
       pen = true;
     });
     return d;
@@ -754,8 +772,9 @@ const STATUS_JS: &str = r##"(function () {
       var path = document.createElementNS(SVG, "path");
       path.setAttribute("d", sparkPath(values));
       svg.appendChild(path);
-      tr.appendChild(td(c[1], [svg, el("span", "num", num(last) + (last === null ? "" : c[2])), " ",
-                               el("small", null, "max " + num(max))]));
+      var cell = [svg, el("span", "num", num(last) + (last === null ? "" : c[2]))];
+      if (max !== null) { cell.push(" "); cell.push(el("small", null, "max " + num(max))); }
+      tr.appendChild(td(c[1], cell));
     });
     return tr;
   }
@@ -877,4 +896,32 @@ fn no_store(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
         HeaderValue::from_static("no-store"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparklines_are_right_aligned_scaled_to_their_maximum_and_gap_on_null() {
+        assert_eq!(spark_path(&[]), "");
+        // Two samples of a minute's axis: at its last two positions, 0 at the
+        // bottom margin and the maximum at the top margin.
+        let step = 299.0 / 59.0;
+        let d = spark_path(&[Some(0.0), Some(8.0)]);
+        assert_eq!(d, format!("M{:.1} 27.0 L299.0 3.0", 58.0 * step));
+        // A missing p99 breaks the line.
+        let d = spark_path(&[Some(1.0), None, Some(1.0), Some(1.0)]);
+        assert_eq!(d.matches('M').count(), 2, "{d}");
+        assert_eq!(d.matches('L').count(), 1, "{d}");
+        // More than five minutes: only the last 300 samples, filling the width.
+        let long: Vec<Option<f64>> = (0..400).map(|i| Some(i as f64)).collect();
+        let d = spark_path(&long);
+        assert!(d.starts_with("M0.0 "), "{d}");
+        assert_eq!(d.matches('L').count(), 299);
+        assert_eq!(fmt_num(None), "\u{2013}");
+        assert_eq!(fmt_num(Some(4.0)), "4");
+        assert_eq!(fmt_num(Some(35.44)), "35.4");
+        assert_eq!(fmt_num(Some(1234.4)), "1234");
+    }
 }
