@@ -24,11 +24,26 @@ use crate::proxy::Shared;
 use crate::registry::Route;
 use crate::shutdown::{Phase, Tracker};
 
+mod series;
+
+pub(crate) use series::StatusSeries;
+
 /// What the admin endpoints read.
 pub(crate) struct AdminState {
     pub shared: Arc<Shared>,
     /// Fields a reload could not apply (listener/admin binds), for /config.
     pub restart_required: Mutex<Vec<String>>,
+    /// The last minutes of every route, for the charts on /status.
+    pub series: Arc<StatusSeries>,
+}
+
+/// Samples every route once a second for /status until aborted at shutdown
+/// (owned by the caller's task set, like the admin listener).
+pub(crate) async fn sample(state: Arc<AdminState>) {
+    use tracing::Instrument;
+    series::run(state.shared.clone(), state.series.clone())
+        .instrument(tracing::info_span!("status_sampler"))
+        .await;
 }
 
 /// Serves the admin listener until the process stops.
@@ -133,7 +148,11 @@ const STATUS_REFRESH_SECS: u64 = 2;
 /// `/status` renders. Keys are only ever added; scripts may rely on them.
 pub(crate) fn status_json(state: &AdminState) -> serde_json::Value {
     let snap = state.shared.snapshot.load();
-    let routes: Vec<serde_json::Value> = snap.routes.iter().map(route_status).collect();
+    let routes: Vec<serde_json::Value> = snap
+        .routes
+        .iter()
+        .map(|r| route_status(r, &state.series.view(&r.config.name)))
+        .collect();
     let upstreams: Vec<_> = snap
         .upstreams
         .iter()
@@ -181,13 +200,16 @@ pub(crate) fn status_json(state: &AdminState) -> serde_json::Value {
         "global_limit": snap.config.limits.max_in_flight,
         "restart_required": *state.restart_required.lock(),
         "refresh_seconds": STATUS_REFRESH_SECS,
+        "series_interval_seconds": series::INTERVAL.as_secs(),
+        "series_capacity": series::SAMPLES,
+        "series_last_unix": state.series.last_unix(),
         "routes": routes,
         "upstreams": upstreams,
     })
 }
 
-/// One route's live state and the limits it runs under.
-fn route_status(r: &Route) -> serde_json::Value {
+/// One route's live state, the limits it runs under and its last minutes.
+fn route_status(r: &Route, view: &series::View) -> serde_json::Value {
     let st = &r.state;
     let s = st.admission.stats();
     let rejections: serde_json::Map<String, serde_json::Value> = Reason::ALL
@@ -243,7 +265,29 @@ fn route_status(r: &Route) -> serde_json::Value {
         "timeouts": timeouts,
         "retries_total": retries_total,
         "retry_budget_exhausted": st.budget_exhausted.get(),
+        "rejections_per_s_recent": view.recent_rejections_per_s.map(round2),
+        "series": series_json(view),
     })
+}
+
+/// One array per chart, oldest sample first, one sample per
+/// `series_interval_seconds`; the last one was taken at `series_last_unix`.
+fn series_json(view: &series::View) -> serde_json::Value {
+    let col = |f: &dyn Fn(&series::Sample) -> serde_json::Value| -> Vec<serde_json::Value> {
+        view.samples.iter().map(f).collect()
+    };
+    json!({
+        "requests_per_s": col(&|s| json!(round2(s.requests_per_s))),
+        "p99_ms": col(&|s| json!(s.p99_ms.map(round2))),
+        "rejections_per_s": col(&|s| json!(round2(s.rejections_per_s))),
+        "queue_depth": col(&|s| json!(s.queue_depth)),
+        "concurrency_limit": col(&|s| json!(s.limit)),
+    })
+}
+
+/// Two decimals are plenty for a chart, and keep /status.json small.
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// The /status page: self-contained (no external assets, since the admin port
@@ -258,11 +302,21 @@ fn status_html(v: &serde_json::Value) -> String {
         .flatten()
         .map(route_row)
         .collect();
+    let charts: String = v["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(chart_row)
+        .collect();
     let upstreams: String = v["upstreams"]
         .as_array()
         .into_iter()
         .flatten()
         .map(upstream_row)
+        .collect();
+    let chart_heads: String = CHARTS
+        .iter()
+        .map(|c| format!("<th>{}</th>", c.title))
         .collect();
     let restart: Vec<String> = v["restart_required"]
         .as_array()
@@ -286,6 +340,9 @@ fn status_html(v: &serde_json::Value) -> String {
 <h2>Routes</h2>
 <table id="routes"><thead><tr><th>route</th><th>upstream</th><th>in-flight / cap</th><th>queue / capacity</th><th>peak</th><th>rejections</th><th>recent rej/s</th><th>breaker</th><th>requests</th></tr></thead>
 <tbody>{routes}</tbody></table>
+<h2>Last 5 minutes <small>one sample per second, newest on the right</small></h2>
+<table id="charts"><thead><tr><th>route</th>{chart_heads}</tr></thead>
+<tbody>{charts}</tbody></table>
 <h2>Upstreams</h2>
 <table id="upstreams"><thead><tr><th>upstream</th><th>endpoints</th><th>breaker</th><th>breaker settings</th><th>routes</th><th>in-flight</th></tr></thead>
 <tbody>{upstreams}</tbody></table>
@@ -294,7 +351,10 @@ fn status_html(v: &serde_json::Value) -> String {
 </body></html>
 "#,
         css = STATUS_CSS,
-        js = STATUS_JS.replace("__REFRESH_MS__", &(refresh * 1000).to_string()),
+        js = STATUS_JS
+            .replace("__REFRESH_MS__", &(refresh * 1000).to_string())
+            .replace("__SAMPLES__", &series::SAMPLES.to_string())
+            .replace("__MIN_SPAN__", &SPARK_MIN_SPAN.to_string()),
         version = esc(v["version"].as_str().unwrap_or("")),
         generation = v["generation"],
         loaded = iso_utc(v["loaded_at_unix"].as_f64().unwrap_or(0.0)),
@@ -327,7 +387,7 @@ fn route_row(r: &serde_json::Value) -> String {
 <td class=\"queue\">{bar2}<span class=\"num\">{depth} / {qcap}</span> <small>{disc} &le; {wait}</small>{lifo}</td>\
 <td class=\"peak\">{peak}</td>\
 <td class=\"rej\"><span class=\"num\">{rej}</span> <small>{reasons}</small></td>\
-<td class=\"rate\">&ndash;</td>\
+<td class=\"rate\">{rate}</td>\
 <td class=\"breaker\">{breaker}</td>\
 <td class=\"req\">{requests}</td></tr>",
         upstream = esc(r["upstream"].as_str().unwrap_or("")),
@@ -340,7 +400,150 @@ fn route_row(r: &serde_json::Value) -> String {
         reasons = counts(&r["rejections"]),
         breaker = badge(r["breaker"].as_str()),
         requests = counts(&r["requests"]),
+        rate = esc(&fmt_num(r["rejections_per_s_recent"].as_f64())),
     )
+}
+
+/// One chart of /status: a `series` key of /status.json, the cell's class,
+/// its column title and the unit after its figures.
+struct Chart {
+    key: &'static str,
+    class: &'static str,
+    title: &'static str,
+    unit: &'static str,
+}
+
+/// The charts of a route, in column order (the page's script has the same list).
+const CHARTS: [Chart; 5] = [
+    Chart {
+        key: "requests_per_s",
+        class: "req",
+        title: "answered/s",
+        unit: "",
+    },
+    Chart {
+        key: "p99_ms",
+        class: "p99",
+        title: "p99 latency",
+        unit: " ms",
+    },
+    Chart {
+        key: "rejections_per_s",
+        class: "rej",
+        title: "rejected/s",
+        unit: "",
+    },
+    Chart {
+        key: "queue_depth",
+        class: "depth",
+        title: "queue depth",
+        unit: "",
+    },
+    Chart {
+        key: "concurrency_limit",
+        class: "limit",
+        title: "concurrency limit",
+        unit: "",
+    },
+];
+
+/// Height of a sparkline in its own units; its width is one unit per sample
+/// of a full series.
+const SPARK_H: f64 = 30.0;
+
+/// The fewest samples a sparkline's x axis spans (a minute).
+const SPARK_MIN_SPAN: usize = 60;
+
+fn chart_row(r: &serde_json::Value) -> String {
+    let name = esc(r["name"].as_str().unwrap_or(""));
+    let cells: String = CHARTS
+        .iter()
+        .map(|c| {
+            let values: Vec<Option<f64>> = r["series"][c.key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(serde_json::Value::as_f64)
+                .collect();
+            let last = values.last().copied().flatten();
+            let max = values
+                .iter()
+                .flatten()
+                .copied()
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+            format!(
+                "<td class=\"{class}\">{svg}<span class=\"num\">{last}{unit}</span>{max}</td>",
+                class = c.class,
+                svg = sparkline(c.class, &values),
+                last = esc(&fmt_num(last)),
+                max = max.map_or(String::new(), |m| format!(
+                    " <small>max {}</small>",
+                    esc(&fmt_num(Some(m)))
+                )),
+                unit = if last.is_some() { c.unit } else { "" },
+            )
+        })
+        .collect();
+    format!("<tr class=\"chart\" data-chart=\"{name}\"><td class=\"name\">{name}</td>{cells}</tr>")
+}
+
+/// An inline SVG line of `values` (oldest first, `None` leaves a gap), scaled
+/// from 0 to its maximum and right-aligned so that now is always at the right
+/// edge. The page's script draws the same path (`sparkPath`).
+fn sparkline(class: &str, values: &[Option<f64>]) -> String {
+    let width = series::SAMPLES - 1;
+    format!(
+        "<svg class=\"spark s-{class}\" viewBox=\"0 0 {width} {SPARK_H}\" preserveAspectRatio=\"none\" aria-hidden=\"true\"><path d=\"{d}\"/></svg>",
+        d = spark_path(values),
+    )
+}
+
+fn spark_path(values: &[Option<f64>]) -> String {
+    use std::fmt::Write;
+    let max = values.iter().flatten().copied().fold(0.0, f64::max);
+    // 3 units of margin keep a flat line at 0 or at the maximum visible.
+    let scale = if max > 0.0 {
+        (SPARK_H - 6.0) / max
+    } else {
+        0.0
+    };
+    let values = &values[values.len().saturating_sub(series::SAMPLES)..];
+    // The x axis spans the samples there are, at least a minute's worth, so a
+    // freshly started proxy's first seconds are not a speck at the edge.
+    let span = values.len().clamp(SPARK_MIN_SPAN, series::SAMPLES);
+    let offset = span - values.len();
+    let step = (series::SAMPLES - 1) as f64 / (span - 1) as f64;
+    let mut d = String::new();
+    let mut pen = false;
+    for (i, v) in values.iter().enumerate() {
+        match v {
+            Some(v) => {
+                let cmd = if pen {
+                    " L"
+                } else if d.is_empty() {
+                    "M"
+                } else {
+                    " M"
+                };
+                let x = (offset + i) as f64 * step;
+                let _ = write!(d, "{cmd}{x:.1} {:.1}", SPARK_H - 3.0 - v * scale);
+                pen = true;
+            }
+            None => pen = false,
+        }
+    }
+    d
+}
+
+/// A chart figure: whole numbers as they are, others to one decimal (none
+/// from 100 up), `–` when there is none.
+fn fmt_num(v: Option<f64>) -> String {
+    match v {
+        None => "\u{2013}".to_string(),
+        Some(v) if v.fract() == 0.0 => format!("{v}"),
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+    }
 }
 
 fn upstream_row(u: &serde_json::Value) -> String {
@@ -466,22 +669,31 @@ h2{margin:1.2em 0 .4em;font-size:1.15em}\
 table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px rgba(0,0,0,.08)}\
 th,td{border:1px solid #e1e4e8;padding:5px 9px;text-align:left;vertical-align:middle}\
 th{background:#f3f5f7;font-weight:600;font-size:.9em}\
-td.peak,td.rate,td.inflight,td.queue,td.rej{font-variant-numeric:tabular-nums;white-space:nowrap}\
+td.peak,td.rate,td.inflight,td.queue,td.rej,#charts td{font-variant-numeric:tabular-nums;white-space:nowrap}\
 small,.muted{color:#6a737d}code{font-size:.95em}\
 .bar{display:inline-block;width:70px;height:9px;background:#e9ecef;border-radius:4px;margin-right:7px;overflow:hidden;vertical-align:middle}\
 .bar span{display:block;height:100%;background:#2f9e44}.bar.high span{background:#f08c00}.bar.full span{background:#e03131}\
 .badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:.85em;font-weight:600;color:#fff;background:#868e96}\
 .b-closed{background:#2f9e44}.b-half_open{background:#f08c00}.b-open{background:#e03131}\
 .phase-running{color:#2f9e44}.phase-draining,.phase-stopping,.phase-stopped{color:#e03131}\
-.warn{color:#b35c00;font-weight:600}#live.stale{color:#e03131;font-weight:600}";
+.warn{color:#b35c00;font-weight:600}#live.stale{color:#e03131;font-weight:600}\
+.spark{display:block;width:150px;height:30px;background:#f3f5f7;border-radius:3px;margin-bottom:2px}\
+.spark path{fill:none;stroke:#1c7ed6;stroke-width:1.5;vector-effect:non-scaling-stroke;stroke-linejoin:round}\
+.s-rej path{stroke:#e03131}.s-p99 path{stroke:#7048e8}.s-depth path{stroke:#f08c00}.s-limit path{stroke:#495057}";
 
-/// Re-renders the tables from /status.json every refresh; mirrors
-/// `route_row`, `upstream_row`, `bar`, `badge` and `counts`. Builds DOM nodes
+/// Re-renders the tables and charts from /status.json every refresh; mirrors
+/// `route_row`, `chart_row`, `upstream_row`, `bar`, `badge`, `counts`,
+/// `fmt_num`, `CHARTS` and `spark_path`. Builds DOM nodes
 /// (textContent), never HTML strings, so names cannot inject markup.
 const STATUS_JS: &str = r##"(function () {
   "use strict";
   var REFRESH_MS = __REFRESH_MS__;
-  var prev = null;
+  var SAMPLES = __SAMPLES__;
+  var SPARK_H = 30;
+  var MIN_SPAN = __MIN_SPAN__;
+  var SVG = "http://www.w3.org/2000/svg";
+  var CHARTS = [["requests_per_s", "req", ""], ["p99_ms", "p99", " ms"], ["rejections_per_s", "rej", ""],
+                ["queue_depth", "depth", ""], ["concurrency_limit", "limit", ""]];
   var refreshes = 0;
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -511,6 +723,47 @@ const STATUS_JS: &str = r##"(function () {
   function iso(unix) {
     return new Date(Math.floor(unix) * 1000).toISOString().replace(/\.\d+Z$/, "Z");
   }
+  function num(v) {
+    if (v === null || v === undefined) return "\u2013";
+    return Number.isInteger(v) ? String(v) : v >= 100 ? v.toFixed(0) : v.toFixed(1);
+  }
+  function sparkPath(values) {
+    var max = 0;
+    values.forEach(function (v) { if (v !== null && v > max) max = v; });
+    var scale = max > 0 ? (SPARK_H - 6) / max : 0;
+    values = values.slice(Math.max(0, values.length - SAMPLES));
+    var span = Math.min(SAMPLES, Math.max(MIN_SPAN, values.length));
+    var offset = span - values.length, step = (SAMPLES - 1) / (span - 1), d = "", pen = false;
+    values.forEach(function (v, i) {
+      if (v === null) { pen = false; return; }
+      d += (pen ? " L" : d === "" ? "M" : " M") + ((offset + i) * step).toFixed(1) + " " + (SPARK_H - 3 - v * scale).toFixed(1);
+      pen = true;
+    });
+    return d;
+  }
+  function chartRow(r) {
+    var tr = el("tr", "chart");
+    tr.dataset.chart = r.name;
+    tr.appendChild(td("name", [r.name]));
+    CHARTS.forEach(function (c) {
+      var values = (r.series && r.series[c[0]]) || [];
+      var last = values.length ? values[values.length - 1] : null;
+      var max = null;
+      values.forEach(function (v) { if (v !== null && (max === null || v > max)) max = v; });
+      var svg = document.createElementNS(SVG, "svg");
+      svg.setAttribute("class", "spark s-" + c[1]);
+      svg.setAttribute("viewBox", "0 0 " + (SAMPLES - 1) + " " + SPARK_H);
+      svg.setAttribute("preserveAspectRatio", "none");
+      svg.setAttribute("aria-hidden", "true");
+      var path = document.createElementNS(SVG, "path");
+      path.setAttribute("d", sparkPath(values));
+      svg.appendChild(path);
+      var cell = [svg, el("span", "num", num(last) + (last === null ? "" : c[2]))];
+      if (max !== null) { cell.push(" "); cell.push(el("small", null, "max " + num(max))); }
+      tr.appendChild(td(c[1], cell));
+    });
+    return tr;
+  }
   function routeRow(r, rate) {
     var tr = el("tr", "route");
     tr.dataset.route = r.name;
@@ -527,7 +780,7 @@ const STATUS_JS: &str = r##"(function () {
     tr.appendChild(td("queue", queue));
     tr.appendChild(td("peak", [String(r.queue_depth_peak)]));
     tr.appendChild(td("rej", [el("span", "num", r.rejections_total), " ", el("small", null, counts(r.rejections))]));
-    tr.appendChild(td("rate", [rate === null ? "\u2013" : rate.toFixed(1)]));
+    tr.appendChild(td("rate", [num(rate)]));
     tr.appendChild(td("breaker", [badge(r.breaker)]));
     tr.appendChild(td("req", [counts(r.requests)]));
     return tr;
@@ -561,13 +814,9 @@ const STATUS_JS: &str = r##"(function () {
     rows.forEach(function (r) { body.appendChild(r); });
     old.parentNode.replaceChild(body, old);
   }
-  function render(d, now) {
-    var dt = prev ? (now - prev.at) / 1000 : 0;
-    replaceBody("routes", d.routes.map(function (r) {
-      var before = prev && prev.rej[r.name];
-      var rate = dt > 0 && before !== undefined ? Math.max(0, r.rejections_total - before) / dt : null;
-      return routeRow(r, rate);
-    }));
+  function render(d) {
+    replaceBody("routes", d.routes.map(function (r) { return routeRow(r, r.rejections_per_s_recent); }));
+    replaceBody("charts", d.routes.map(chartRow));
     replaceBody("upstreams", d.upstreams.map(upstreamRow));
     document.getElementById("version").textContent = d.version;
     document.getElementById("generation").textContent = d.generation;
@@ -580,9 +829,6 @@ const STATUS_JS: &str = r##"(function () {
     var restart = document.getElementById("restart");
     restart.hidden = d.restart_required.length === 0;
     document.getElementById("restart-fields").textContent = d.restart_required.join(", ");
-    var rej = {};
-    d.routes.forEach(function (r) { rej[r.name] = r.rejections_total; });
-    prev = { at: now, rej: rej };
   }
   function setLive(text, stale) {
     var live = document.getElementById("live");
@@ -597,7 +843,7 @@ const STATUS_JS: &str = r##"(function () {
       })
       .then(function (d) {
         var now = Date.now();
-        render(d, now);
+        render(d);
         refreshes += 1;
         document.body.dataset.refreshes = refreshes;
         setLive("live \u00b7 updated " + iso(now / 1000) + " \u00b7 refreshes every " + REFRESH_MS / 1000 + " s", false);
@@ -636,4 +882,32 @@ fn no_store(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
         HeaderValue::from_static("no-store"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparklines_are_right_aligned_scaled_to_their_maximum_and_gap_on_null() {
+        assert_eq!(spark_path(&[]), "");
+        // Two samples of a minute's axis: at its last two positions, 0 at the
+        // bottom margin and the maximum at the top margin.
+        let step = 299.0 / 59.0;
+        let d = spark_path(&[Some(0.0), Some(8.0)]);
+        assert_eq!(d, format!("M{:.1} 27.0 L299.0 3.0", 58.0 * step));
+        // A missing p99 breaks the line.
+        let d = spark_path(&[Some(1.0), None, Some(1.0), Some(1.0)]);
+        assert_eq!(d.matches('M').count(), 2, "{d}");
+        assert_eq!(d.matches('L').count(), 1, "{d}");
+        // More than five minutes: only the last 300 samples, filling the width.
+        let long: Vec<Option<f64>> = (0..400).map(|i| Some(i as f64)).collect();
+        let d = spark_path(&long);
+        assert!(d.starts_with("M0.0 "), "{d}");
+        assert_eq!(d.matches('L').count(), 299);
+        assert_eq!(fmt_num(None), "\u{2013}");
+        assert_eq!(fmt_num(Some(4.0)), "4");
+        assert_eq!(fmt_num(Some(35.44)), "35.4");
+        assert_eq!(fmt_num(Some(1234.4)), "1234");
+    }
 }

@@ -107,6 +107,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     let admin_state = Arc::new(AdminState {
         shared: shared.clone(),
         restart_required: Mutex::new(Vec::new()),
+        series: Default::default(),
     });
     let core = Arc::new(Core {
         shared: shared.clone(),
@@ -128,6 +129,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         tasks.spawn(listener::serve(tcp, cfg, shared.clone(), conns.clone()));
     }
     tracing::info!(%admin_addr, "admin listening");
+    tasks.spawn(admin::sample(admin_state.clone()));
     tasks.spawn(admin::serve(admin_tcp, admin_state, admin_conns));
     tasks.spawn(memory_janitor(shared.clone()));
 

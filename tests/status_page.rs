@@ -1,8 +1,11 @@
 //! The admin port's /status page in a real browser: headless Chromium from
 //! Debian's `chromium` package loads it while load is running, and the rows it
 //! renders (after its script has refreshed them from /status.json) are checked
-//! against the live state, which /status.json reports too. A screenshot is kept
-//! as a test artifact: `target/status.png`.
+//! against the live state, which /status.json reports too. Load is shed long
+//! enough for the once-a-second sampler to record it: its series in
+//! /status.json, the recent rejections per second and the inline SVG charts
+//! must all show the shedding. A screenshot is kept as a test artifact:
+//! `target/status.png`.
 //!
 //! Chromium is required: without it this test fails and says how to install
 //! it (`apt-get install -y chromium`); set `SPILLWAY_CHROMIUM` to use another
@@ -141,6 +144,39 @@ async fn status_page_renders_live_routes_in_headless_chromium() {
     })
     .await;
 
+    // --- the per-second series while shedding ----------------------------
+    // The sampler takes one sample a second: wait (bounded) until the last
+    // three samples of `api` all saw rejections.
+    let api = wait_route_within(&h, "api", 60, |r| {
+        let rej = series(r, "rejections_per_s");
+        rej.len() >= 3 && rej[rej.len() - 3..].iter().all(|v| *v > Some(0.0))
+    })
+    .await;
+    let len = series(&api, "rejections_per_s").len();
+    assert!(len <= 300, "five minutes at most: {len}");
+    for key in [
+        "requests_per_s",
+        "p99_ms",
+        "queue_depth",
+        "concurrency_limit",
+    ] {
+        assert_eq!(series(&api, key).len(), len, "series {key}: {api:#}");
+    }
+    let last = |key: &str| *series(&api, key).last().expect("a sample");
+    assert!(last("rejections_per_s") > Some(0.0), "{api:#}");
+    // The shed requests are answered (429) and timed, so they show up too.
+    assert!(last("requests_per_s") > Some(0.0), "{api:#}");
+    assert!(last("p99_ms") > Some(0.0), "p99 of the 429s: {api:#}");
+    assert_eq!(last("queue_depth"), Some(QUEUE as f64), "{api:#}");
+    assert_eq!(last("concurrency_limit"), Some(CAP as f64), "{api:#}");
+    let recent = api["rejections_per_s_recent"].as_f64();
+    assert!(recent > Some(0.0), "recent rej/s while shedding: {api:#}");
+    // `search` takes no traffic: samples of zeros, no p99.
+    let search = wait_route(&h, "search", |r| !series(r, "requests_per_s").is_empty()).await;
+    assert_eq!(series(&search, "requests_per_s").last(), Some(&Some(0.0)));
+    assert_eq!(series(&search, "p99_ms").last(), Some(&None));
+    assert_eq!(search["rejections_per_s_recent"], 0.0);
+
     // --- /status.json against live state --------------------------------
     let status = status_json(&h).await;
     assert_eq!(status["generation"], 1);
@@ -184,6 +220,8 @@ async fn status_page_renders_live_routes_in_headless_chromium() {
     assert_self_contained(&html);
     let served = route_rows(&html);
     assert_eq!(served["api"].attrs["data-in-flight"], CAP.to_string());
+    assert_rate_shown(&served["api"], "served page");
+    assert_charts(&html, "served page");
 
     // --- the page in Chromium, after its script refreshed it -------------
     let tmp = TempDir::new("chromium");
@@ -231,6 +269,8 @@ async fn status_page_renders_live_routes_in_headless_chromium() {
     assert_eq!(rows["search"].cells["inflight"], "0 / 16");
     assert_eq!(rows["legacy"].cells["breaker"], "open");
     assert!(dom.contains(r#"data-upstream="down" data-breaker="open""#));
+    assert_rate_shown(api, "page in Chromium");
+    assert_charts(&dom, "page in Chromium");
     // The script re-renders exactly what the server rendered (cells that
     // cannot change while the load is held).
     let (served_up, dom_up) = (upstream_rows(&html), upstream_rows(&dom));
@@ -320,7 +360,17 @@ async fn wait_route(
     name: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    wait_route_within(h, name, 15, pred).await
+}
+
+/// Polls /status.json until route `name` satisfies `pred`, for at most `secs`.
+async fn wait_route_within(
+    h: &ProxyHarness,
+    name: &str,
+    secs: u64,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let status = status_json(h).await;
         let route = find(&status["routes"], name).clone();
@@ -333,6 +383,61 @@ async fn wait_route(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One series of a route in /status.json (`None` for a null sample).
+fn series(route: &serde_json::Value, key: &str) -> Vec<Option<f64>> {
+    route["series"][key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no series {key}: {route:#}"))
+        .iter()
+        .map(serde_json::Value::as_f64)
+        .collect()
+}
+
+/// The "recent rej/s" cell shows a rate above zero, not a dash.
+fn assert_rate_shown(row: &Row, what: &str) {
+    let rate: f64 = row.cells["rate"]
+        .parse()
+        .unwrap_or_else(|_| panic!("{what}: recent rej/s is `{}`", row.cells["rate"]));
+    assert!(rate > 0.0, "{what}: recent rej/s {rate} while shedding");
+}
+
+/// Every route has its row of five inline SVG charts, and `api`'s charts of
+/// answered and rejected requests draw a line.
+fn assert_charts(html: &str, what: &str) {
+    let row =
+        Regex::new(r#"(?s)<tr class="chart" data-chart="([a-z]+)">(.*?)</tr>"#).expect("regex");
+    let svg = Regex::new(r#"(?s)<svg class="spark s-([a-z0-9]+)"[^>]*>\s*<path d="([^"]*)""#)
+        .expect("regex");
+    let mut seen = Vec::new();
+    for m in row.captures_iter(html) {
+        let charts: HashMap<String, String> = svg
+            .captures_iter(&m[2])
+            .map(|c| (c[1].to_string(), c[2].to_string()))
+            .collect();
+        let mut kinds: Vec<&str> = charts.keys().map(String::as_str).collect();
+        kinds.sort_unstable();
+        assert_eq!(
+            kinds,
+            ["depth", "limit", "p99", "rej", "req"],
+            "{what}: charts of route {}:\n{}",
+            &m[1],
+            &m[0]
+        );
+        if &m[1] == "api" {
+            for kind in ["req", "rej", "depth", "limit"] {
+                assert!(
+                    charts[kind].matches('L').count() >= 2,
+                    "{what}: api's {kind} chart draws no line: {}",
+                    charts[kind]
+                );
+            }
+        }
+        seen.push(m[1].to_string());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, ["api", "legacy", "search"], "{what}: chart rows");
 }
 
 /// A `<tr class="route">` of the page: its attributes and the text of its
