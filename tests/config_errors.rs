@@ -5,6 +5,7 @@
 mod support;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use spillway::config::{load_str, ConfigIssue};
 use support::TempDir;
@@ -495,6 +496,223 @@ fn a_shadowed_route_is_a_warning() {
     assert!(w.message.contains("all"), "names the shadowing route: {w}");
 }
 
+fn loads(yaml: &str) -> spillway::config::Loaded {
+    load_str(yaml, FILE).unwrap_or_else(|e| panic!("config should load:\n{e}\n---\n{yaml}"))
+}
+
+#[test]
+fn an_unset_max_wait_follows_a_shorter_deadline() {
+    // Only `timeouts.request` is written: the default max_wait (1s) must not
+    // contradict it.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    timeouts:\n      request: 500ms\n",
+    );
+    let loaded = loads(&yaml);
+    assert!(loaded.warnings.is_empty(), "{}", show(&loaded.warnings));
+    let route = &loaded.config.routes[0];
+    assert_eq!(route.queue.max_wait.0, Duration::from_millis(500));
+    assert_eq!(route.timeouts.request.0, Duration::from_millis(500));
+
+    // A deadline from `defaults:` is written by the user too.
+    let yaml = format!("{VALID}defaults:\n  timeouts: {{request: 300ms}}\n");
+    let loaded = loads(&yaml);
+    assert!(loaded.warnings.is_empty(), "{}", show(&loaded.warnings));
+    assert_eq!(
+        loaded.config.routes[0].queue.max_wait.0,
+        Duration::from_millis(300)
+    );
+
+    // A longer deadline keeps the 1s default.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    timeouts: {request: 3s}\n",
+    );
+    assert_eq!(
+        loads(&yaml).config.routes[0].queue.max_wait.0,
+        Duration::from_secs(1)
+    );
+
+    // Likewise an unset backoff.max follows a longer backoff.base.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    retries: {max_attempts: 2, backoff: {base: 2s}}\n",
+    );
+    let loaded = loads(&yaml);
+    let backoff = &loaded.config.routes[0].retries.backoff;
+    assert_eq!(backoff.base.0, Duration::from_secs(2));
+    assert_eq!(backoff.max.0, Duration::from_secs(2));
+}
+
+#[test]
+fn only_written_values_contradict_each_other() {
+    // Both written in the route: an error at max_wait naming both.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    queue: {max_wait: 2s}\n    timeouts: {request: 1s}\n",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "2s}");
+    let issue = expect_issue(&all, "routes[0].queue.max_wait", line, &[col], &[]);
+    assert_eq!(issue.path, "routes[0].queue.max_wait");
+    assert_eq!(
+        issue.message,
+        "queue.max_wait (2s) must be less than timeouts.request (1s)"
+    );
+
+    // The deadline inherited from `defaults:`: still written by the user; the
+    // message says where each value is written.
+    let yaml = format!(
+        "{}defaults:\n  timeouts: {{request: 1s}}\n",
+        VALID.replace(
+            "    upstream: app\n",
+            "    upstream: app\n    queue: {max_wait: 2s}\n",
+        )
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "2s}");
+    let issue = expect_issue(&all, "routes[0].queue.max_wait", line, &[col], &[]);
+    assert_eq!(
+        issue.message,
+        "queue.max_wait (2s) must be less than defaults.timeouts.request (1s)"
+    );
+
+    // per_try against a written deadline.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    timeouts: {request: 1s, per_try: 3s}\n",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "3s}");
+    let issue = expect_issue(&all, "routes[0].timeouts.per_try", line, &[col], &[]);
+    assert_eq!(
+        issue.message,
+        "timeouts.per_try (3s) must not exceed timeouts.request (1s)"
+    );
+
+    // Against the default deadline (15s) a written value is not an error:
+    // the deadline bounds it anyway, and a warning says so.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    queue: {max_wait: 20s}\n",
+    );
+    let loaded = loads(&yaml);
+    let w = loaded
+        .warnings
+        .iter()
+        .find(|w| w.path == "routes[0].queue.max_wait")
+        .unwrap_or_else(|| panic!("no warning: {}", show(&loaded.warnings)));
+    assert!(w.message.contains("the default"), "{w}");
+    assert_eq!(
+        loaded.config.routes[0].queue.max_wait.0,
+        Duration::from_secs(20)
+    );
+}
+
+#[test]
+fn an_unknown_field_is_reported_under_the_mapping_that_holds_it() {
+    // After a sibling whose value is a mapping: the path is the route, not
+    // the sibling's last key.
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: app\n    queue: {max_wait: 1s}\n    modez: fast\n",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "modez");
+    let issue = expect_issue(&all, "routes[0]", line, &[col], &["unknown field `modez`"]);
+    assert_eq!(issue.path, "routes[0]", "{issue}");
+
+    // After a nested block, and inside one.
+    let yaml = VALID.replace(
+        "    endpoints: [\"127.0.0.1:3000\"]\n",
+        "    endpoints: [\"127.0.0.1:3000\"]\n    circuit_breaker:\n      half_open_calls: 3\n    retry_budget: 5\n",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "retry_budget");
+    let issue = expect_issue(&all, "upstreams.app", line, &[col], &["`retry_budget`"]);
+    assert_eq!(issue.path, "upstreams.app", "{issue}");
+
+    let yaml = VALID.replace(
+        "    endpoints: [\"127.0.0.1:3000\"]\n",
+        "    endpoints: [\"127.0.0.1:3000\"]\n    circuit_breaker:\n      half_open_calls: 3\n      half_open_probes: 2\n",
+    );
+    let all = issues(&yaml);
+    let (line, col) = pos(&yaml, "half_open_probes");
+    let issue = expect_issue(
+        &all,
+        "upstreams.app.circuit_breaker",
+        line,
+        &[col],
+        &["`half_open_probes`"],
+    );
+    assert_eq!(issue.path, "upstreams.app.circuit_breaker", "{issue}");
+}
+
+#[test]
+fn every_problem_is_reported_even_after_a_parse_error() {
+    // Unknown fields (block and flow style, several), a bad value, an
+    // unknown upstream and a timing contradiction, in one file.
+    let yaml = r#"version: 1
+listeners:
+  - name: inbound
+    bind: 127.0.0.1:0
+    idle_timout: 5s
+upstreams:
+  app:
+    endpoints: ["127.0.0.1:3000"]
+    connect_timeout: soon
+routes:
+  - name: one
+    match: {path_prefix: /one, methodz: [GET]}
+    upstream: apq
+    queue:
+      max_wait: 2s
+    timeouts: {request: 1s}
+    modez: fast
+  - name: two
+    upstream: app
+    retries:
+      max_attempts: 2
+      budgett:
+        ratio: 0.1
+"#;
+    let all = issues(yaml);
+    let expected: [(&str, &str, &str); 7] = [
+        (
+            "listeners[0]",
+            "idle_timout",
+            "did you mean `idle_timeout`?",
+        ),
+        ("upstreams.app.connect_timeout", "soon", "duration"),
+        ("routes[0].match", "methodz", "did you mean `methods`?"),
+        ("routes[0].upstream", "apq", "unknown upstream `apq`"),
+        (
+            "routes[0].queue.max_wait",
+            "2s",
+            "must be less than timeouts.request (1s)",
+        ),
+        ("routes[0]", "modez", "unknown field `modez`"),
+        ("routes[1].retries", "budgett", "did you mean `budget`?"),
+    ];
+    assert_eq!(all.len(), expected.len(), "{}", show(&all));
+    for ((path, needle, message), issue) in expected.iter().zip(&all) {
+        let (line, col) = pos(yaml, needle);
+        assert_eq!(issue.path, *path, "in file order:\n{}", show(&all));
+        assert_eq!(
+            (issue.line, issue.column),
+            (Some(line), Some(col)),
+            "{issue}"
+        );
+        assert!(issue.message.contains(message), "{issue}");
+    }
+
+    // A required field with a bad value is not reported missing as well.
+    let yaml = VALID.replace("    upstream: app\n", "    upstream: [app]\n");
+    let all = issues(&yaml);
+    assert_eq!(all.len(), 1, "{}", show(&all));
+    assert_eq!(all[0].path, "routes[0].upstream", "{}", show(&all));
+}
+
 // ---------------------------------------------------------------------------
 // spillway check
 // ---------------------------------------------------------------------------
@@ -552,6 +770,53 @@ fn check_rejects_an_invalid_file_printing_every_issue() {
     assert!(all.contains("bad2.yaml:14:15"), "{all}");
     assert!(all.contains("routes[0].upstream"), "{all}");
     assert!(all.contains("did you mean `app`?"), "{all}");
+}
+
+#[test]
+fn check_reports_invalid_utf8_at_its_line_and_column() {
+    let dir = TempDir::new("check-utf8");
+    let path = dir.path().join("latin1.yaml");
+    let mut bytes = VALID.replace("name: all", "name: caf#").into_bytes();
+    let at = bytes.iter().position(|b| *b == b'#').expect("marker");
+    bytes[at] = 0xe9; // `é` in Latin-1: not UTF-8
+    std::fs::write(&path, &bytes).expect("write");
+    let out = spillway(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = text(&out);
+    let (line, col) = pos(VALID, "all\n");
+    let col = col + 3;
+    assert!(
+        all.contains(&format!("latin1.yaml:{line}:{col}: ")),
+        "file:line:column of the bad byte:\n{all}"
+    );
+    assert!(all.contains("UTF-8"), "{all}");
+    assert!(!all.contains("index"), "no byte index:\n{all}");
+}
+
+#[test]
+fn check_prints_every_problem_in_one_run() {
+    let dir = TempDir::new("check-all");
+    let yaml = VALID.replace(
+        "    upstream: app\n",
+        "    upstream: ap\n    max_request_bod: 1MiB\n    queue: {max_wait: 2s}\n    timeouts: {request: 1s}\n",
+    );
+    let path = dir.write("bad.yaml", &yaml);
+    let out = spillway(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = text(&out);
+    let want = [
+        "bad.yaml:14:15: routes[0].upstream: unknown upstream `ap` (did you mean `app`?)",
+        "bad.yaml:15:5: routes[0]: unknown field `max_request_bod` (did you mean `max_request_body`?)",
+        "bad.yaml:16:23: routes[0].queue.max_wait: queue.max_wait (2s) must be less than timeouts.request (1s)",
+    ];
+    let mut last = 0;
+    for w in want {
+        let at = all
+            .find(w)
+            .unwrap_or_else(|| panic!("missing `{w}` in:\n{all}"));
+        assert!(at >= last, "sorted by line:\n{all}");
+        last = at;
+    }
 }
 
 #[test]

@@ -17,14 +17,41 @@ pub(crate) struct Pos {
 #[derive(Debug, Default)]
 pub(crate) struct Locations {
     values: HashMap<String, Pos>,
-    keys: HashMap<String, Pos>,
+    /// Every mapping entry in document order, with the text it spans.
+    entries: Vec<Entry>,
     /// Every value in document order, for "which path is at this line".
     ordered: Vec<(Pos, String)>,
 }
 
+/// One `key: value` of a mapping as written.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    /// Path of the value (`routes[0].queue`); its parent holds the key.
+    pub path: String,
+    /// Where the key starts.
+    pub key: Pos,
+    /// Bytes from the key's start to the end of its value (the value's last
+    /// character; comments and line breaks after it are not included).
+    pub span: std::ops::Range<usize>,
+    /// In a block mapping (not `{...}`).
+    pub block: bool,
+}
+
 enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, index: usize },
+    Map {
+        path: String,
+        block: bool,
+        key: Option<String>,
+        /// The entry whose key was just read, until its value is complete.
+        open: Option<usize>,
+        /// The entry this mapping is the value of.
+        owner: Option<usize>,
+    },
+    Seq {
+        path: String,
+        index: usize,
+        owner: Option<usize>,
+    },
 }
 
 impl Locations {
@@ -35,12 +62,17 @@ impl Locations {
         let mut stack: Vec<Frame> = Vec::new();
         // Bounded: the deserializer refuses absurd depth anyway; this only guards the walk.
         const MAX_DEPTH: usize = 256;
+        // Containers past MAX_DEPTH are not tracked; their end events are skipped.
+        let mut untracked = 0usize;
+        // End (in bytes) of the last character of content seen so far.
+        let mut last_end = 0usize;
         for item in Parser::new_from_str(text) {
             let Ok((event, span)) = item else { break };
             let pos = Pos {
                 line: span.start.line() as u64,
                 column: span.start.col() as u64 + 1,
             };
+            let range = span.byte_range().unwrap_or(0..0);
             let is_node_start = matches!(
                 event,
                 Event::Scalar(..)
@@ -49,49 +81,104 @@ impl Locations {
                     | Event::Alias(..)
             );
             if is_node_start {
+                let is_container =
+                    matches!(event, Event::MappingStart(..) | Event::SequenceStart(..));
+                if untracked > 0 {
+                    if is_container {
+                        untracked += 1;
+                    }
+                    last_end = last_end.max(range.end);
+                    continue;
+                }
+                if !is_container {
+                    last_end = last_end.max(range.end);
+                }
                 // A mapping expecting a key: this node is the key.
-                if let Some(Frame::Map { path, key }) = stack.last_mut() {
+                if let Some(Frame::Map {
+                    path,
+                    key,
+                    open,
+                    block,
+                    ..
+                }) = stack.last_mut()
+                {
                     if key.is_none() {
                         let name = match &event {
                             Event::Scalar(s, ..) => s.to_string(),
                             _ => "?".to_string(),
                         };
                         let full = join_key(path, &name);
-                        out.keys.insert(full, pos);
+                        *open = Some(out.entries.len());
+                        out.entries.push(Entry {
+                            path: full,
+                            key: pos,
+                            span: range.start..range.end,
+                            block: *block,
+                        });
                         *key = Some(name);
-                        if let Event::MappingStart(..) | Event::SequenceStart(..) = event {
+                        if is_container {
                             // Complex keys are not used by this schema; skip their content.
-                            stack.push(Frame::Map {
-                                path: "?".into(),
-                                key: None,
-                            });
+                            untracked += 1;
                         }
                         continue;
                     }
                 }
-                let path = match stack.last_mut() {
-                    Some(Frame::Map { path, key }) => {
+                // The entry (if any) this node is the value of.
+                let (path, owner) = match stack.last_mut() {
+                    Some(Frame::Map {
+                        path, key, open, ..
+                    }) => {
                         let k = key.take().unwrap_or_default();
-                        join_key(path, &k)
+                        (join_key(path, &k), open.take())
                     }
-                    Some(Frame::Seq { path, index }) => {
+                    Some(Frame::Seq { path, index, .. }) => {
                         let p = format!("{path}[{index}]");
                         *index += 1;
-                        p
+                        (p, None)
                     }
-                    None => String::new(),
+                    None => (String::new(), None),
                 };
                 out.values.entry(path.clone()).or_insert(pos);
                 out.ordered.push((pos, path.clone()));
-                if stack.len() < MAX_DEPTH {
-                    match event {
-                        Event::MappingStart(..) => stack.push(Frame::Map { path, key: None }),
-                        Event::SequenceStart(..) => stack.push(Frame::Seq { path, index: 0 }),
-                        _ => {}
+                if !is_container {
+                    if let Some(e) = owner.and_then(|o| out.entries.get_mut(o)) {
+                        e.span.end = range.end;
                     }
+                } else if stack.len() < MAX_DEPTH {
+                    match event {
+                        Event::MappingStart(..) => stack.push(Frame::Map {
+                            path,
+                            block: !text[range.start.min(text.len())..].starts_with('{'),
+                            key: None,
+                            open: None,
+                            owner,
+                        }),
+                        _ => stack.push(Frame::Seq {
+                            path,
+                            index: 0,
+                            owner,
+                        }),
+                    }
+                } else {
+                    untracked += 1;
                 }
             } else if matches!(event, Event::MappingEnd | Event::SequenceEnd) {
-                stack.pop();
+                // A flow collection ends with its bracket; a block one ends
+                // where the next token starts, which is not part of it.
+                if text[..range.end.min(text.len())].ends_with(['}', ']']) {
+                    last_end = last_end.max(range.end);
+                }
+                if untracked > 0 {
+                    untracked -= 1;
+                    continue;
+                }
+                let owner = match stack.pop() {
+                    Some(Frame::Map { owner, .. } | Frame::Seq { owner, .. }) => owner,
+                    None => None,
+                };
+                if let Some(e) = owner.and_then(|o| out.entries.get_mut(o)) {
+                    e.span.end = last_end.max(e.span.end);
+                }
             }
         }
         out
@@ -106,6 +193,35 @@ impl Locations {
             }
             p = parent(p)?;
         }
+    }
+
+    /// The mapping entry whose key starts exactly here (where an unknown-field
+    /// error points).
+    pub(crate) fn key_at(&self, line: u64, column: u64) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| (e.key.line, e.key.column) == (line, column))
+    }
+
+    /// The mapping entry that holds `path`, or the nearest ancestor that is one
+    /// (`a.list[2]` -> `a.list`).
+    pub(crate) fn entry(&self, path: &str) -> Option<&Entry> {
+        let mut p = path;
+        loop {
+            if let Some(e) = self.entries.iter().find(|e| e.path == p) {
+                return Some(e);
+            }
+            p = parent(p)?;
+        }
+    }
+
+    /// How many keys the mapping holding `entry` has.
+    pub(crate) fn siblings(&self, entry: &Entry) -> usize {
+        let holder = parent(&entry.path);
+        self.entries
+            .iter()
+            .filter(|e| parent(&e.path) == holder)
+            .count()
     }
 
     /// The deepest path whose value starts at or before this position: names the
@@ -128,7 +244,7 @@ fn join_key(parent: &str, key: &str) -> String {
 }
 
 /// `a.b[2].c` -> `a.b[2]` -> `a.b` -> `a` -> `` -> None.
-fn parent(path: &str) -> Option<&str> {
+pub(crate) fn parent(path: &str) -> Option<&str> {
     if path.is_empty() {
         return None;
     }
@@ -146,7 +262,7 @@ mod tests {
         let l = Locations::build(y);
         let p = l.value("routes[0].queue.max_wait").unwrap();
         assert_eq!((p.line, p.column), (5, 17));
-        let k = l.keys.get("routes[1].name").unwrap();
+        let k = l.entry("routes[1].name").unwrap().key;
         assert_eq!((k.line, k.column), (6, 5));
         // Missing leaf falls back to its parent.
         let p = l.value("routes[0].queue.max_depth").unwrap();

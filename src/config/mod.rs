@@ -301,7 +301,7 @@ pub struct Loaded {
 }
 
 /// One problem (or warning) in a config file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ConfigIssue {
     pub file: String,
     pub line: Option<u64>,
@@ -411,8 +411,39 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| whole(format!("cannot read: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| whole(format!("not UTF-8: {e}")))?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => return Err(not_utf8(&file, e.as_bytes(), e.utf8_error())),
+    };
     load_str(&text, &file)
+}
+
+/// Invalid UTF-8, reported at its line and column like every other problem
+/// (columns count characters, as YAML positions do).
+fn not_utf8(file: &str, bytes: &[u8], e: std::str::Utf8Error) -> ConfigError {
+    let good = &bytes[..e.valid_up_to()];
+    // Everything before `valid_up_to` is valid UTF-8 by definition.
+    let good = std::str::from_utf8(good).unwrap_or_default();
+    let line_start = good.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = good.matches('\n').count() as u64 + 1;
+    let column = good[line_start..].chars().count() as u64 + 1;
+    let bad: Vec<String> = bytes[e.valid_up_to()..]
+        .iter()
+        .take(e.error_len().unwrap_or(1).max(1))
+        .map(|b| format!("0x{b:02x}"))
+        .collect();
+    ConfigError {
+        issues: vec![ConfigIssue {
+            file: file.to_string(),
+            line: Some(line),
+            column: Some(column),
+            path: String::new(),
+            message: format!(
+                "not UTF-8: invalid byte {} (a config file must be UTF-8 text)",
+                bad.join(" ")
+            ),
+        }],
+    }
 }
 
 /// Parses and validates config text; `source_name` is used in messages.

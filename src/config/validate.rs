@@ -9,11 +9,18 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
-use super::locate::Locations;
+use super::locate::{self, Locations};
 use super::schema::*;
 use super::*;
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// `queue.max_wait` when unset, lowered to `timeouts.request` when that is shorter.
+const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
+/// `retries.backoff.max` when unset, raised to `retries.backoff.base` when that is longer.
+const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Bounds the re-parses that find every deserialization problem in a file.
+const MAX_PARSE_PASSES: usize = 64;
 
 /// Headers an identity header must not be: HTTP framing and the forwarding
 /// headers Spillway sets itself.
@@ -97,6 +104,7 @@ pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
         locs: OnceCell::new(),
         issues: Vec::new(),
         warnings: Vec::new(),
+        blanked_values: Vec::new(),
     };
     if text.trim().is_empty() {
         v.error(
@@ -105,20 +113,35 @@ pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
         );
         return Err(v.into_error());
     }
-    let raw: RawConfig = match serde_saphyr::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            v.deserialize_error(&e, text);
-            return Err(v.into_error());
-        }
+    let raw = match v.parse(text) {
+        Some(raw) => raw,
+        None => return Err(v.into_error()),
     };
+    let before = v.issues.len();
     let config = v.config(&raw, text);
+    // A field blanked for its bad value reads as missing; that is the same
+    // problem again, already reported.
+    let semantic = v.issues.split_off(before);
+    let blanked = std::mem::take(&mut v.blanked_values);
+    v.issues.extend(semantic.into_iter().filter(|issue| {
+        !blanked.iter().any(|b| {
+            let field = b.rsplit(['.', '[']).next().unwrap_or(b);
+            locate::parent(b) == Some(issue.path.as_str())
+                && issue
+                    .message
+                    .starts_with(&format!("missing field `{field}`"))
+        })
+    }));
     match config {
         Some(config) if v.issues.is_empty() => {
             keep_regexes(&config);
             Ok(Loaded {
                 config,
-                warnings: v.warnings,
+                warnings: {
+                    let mut w = v.warnings;
+                    dedup(&mut w);
+                    w
+                },
             })
         }
         _ => Err(v.into_error()),
@@ -134,6 +157,8 @@ struct Validator<'a> {
     locs: OnceCell<Locations>,
     issues: Vec<ConfigIssue>,
     warnings: Vec<ConfigIssue>,
+    /// Fields [`Validator::parse`] blanked out for a bad value.
+    blanked_values: Vec<String>,
 }
 
 impl Validator<'_> {
@@ -166,24 +191,92 @@ impl Validator<'_> {
         // In file order, so the list reads top to bottom like the file.
         self.issues
             .sort_by_key(|i| (i.line.unwrap_or(0), i.column.unwrap_or(0)));
+        dedup(&mut self.issues);
         ConfigError {
             issues: self.issues,
         }
     }
 
-    /// A YAML or schema error from the deserializer: one at a time by nature.
-    fn deserialize_error(&mut self, e: &serde_saphyr::Error, text: &str) {
+    /// Deserializes the raw config. The deserializer stops at its first
+    /// error; to report every problem in one run, each error is recorded and
+    /// the field it is about is blanked out (spaces, so every other line and
+    /// column stays where it is), then the text is parsed again, at most
+    /// [`MAX_PARSE_PASSES`] times. The config that finally deserializes still
+    /// gets the semantic checks; it cannot load, as errors were recorded.
+    /// `None` when the text cannot be deserialized even so (a YAML syntax
+    /// error, or a problem that blanking cannot remove).
+    fn parse(&mut self, text: &str) -> Option<RawConfig> {
+        // A copy only once something is blanked: a valid file parses once.
+        let mut blanked: Option<String> = None;
+        for _ in 0..MAX_PARSE_PASSES {
+            let current = blanked.as_deref().unwrap_or(text);
+            let e = match serde_saphyr::from_str::<RawConfig>(current) {
+                Ok(raw) => return Some(raw),
+                Err(e) => e,
+            };
+            // The anchor was in a blanked field: a consequence as well.
+            if blanked.is_some()
+                && matches!(
+                    e.without_snippet(),
+                    serde_saphyr::Error::UnknownAnchor { .. }
+                )
+            {
+                return None;
+            }
+            if let serde_saphyr::Error::SerdeMissingField { field, .. } = e.without_snippet() {
+                // A field blanked for a bad value: a consequence, not another problem.
+                let consequence = self
+                    .blanked_values
+                    .iter()
+                    .any(|p| p.rsplit(['.', '[']).next() == Some(*field));
+                if consequence {
+                    return None;
+                }
+            }
+            let path = self.deserialize_error(&e, text)?;
+            // Positions of the blanked text are those of the original.
+            let locs = Locations::build(current);
+            let entry = match e.without_snippet() {
+                serde_saphyr::Error::SerdeUnknownField { .. } => {
+                    let loc = e.location()?;
+                    locs.key_at(loc.line(), loc.column())
+                }
+                _ => {
+                    let entry = locs.entry(&path);
+                    if let Some(e) = entry {
+                        self.blanked_values.push(e.path.clone());
+                    }
+                    entry
+                }
+            };
+            let entry = entry?;
+            // A block mapping left with no key would read as null (e.g. a
+            // list item that is no longer a mapping): it becomes `{}`.
+            let empty = entry.block && locs.siblings(entry) == 1;
+            let current = blanked.get_or_insert_with(|| text.to_string());
+            if !blank(current, entry.span.clone(), empty) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Records a YAML or schema error from the deserializer. Returns the field
+    /// path when the error is about one field's key or value (so the parse can
+    /// go on without it); `None` when it is not (e.g. a syntax error).
+    fn deserialize_error(&mut self, e: &serde_saphyr::Error, text: &str) -> Option<String> {
+        use serde_saphyr::Error as E;
         let loc = e.location();
         let (line, column) = match loc {
             Some(l) if l.line() > 0 => (Some(l.line()), Some(l.column())),
             _ => (None, None),
         };
-        let path = match (line, column) {
-            (Some(l), Some(c)) => self.locs().path_at(l, c).unwrap_or("").to_string(),
+        let at = |v: &Self| match (line, column) {
+            (Some(l), Some(c)) => v.locs().path_at(l, c).unwrap_or("").to_string(),
             _ => String::new(),
         };
-        let message = match e.without_snippet() {
-            serde_saphyr::Error::SerdeUnknownField {
+        let (path, message, field_path) = match e.without_snippet() {
+            E::SerdeUnknownField {
                 field, expected, ..
             } => {
                 let mut m = format!("unknown field `{field}`");
@@ -191,28 +284,45 @@ impl Validator<'_> {
                     Some(s) => m.push_str(&format!(" (did you mean `{s}`?)")),
                     None => m.push_str(&format!(", expected one of: {}", expected.join(", "))),
                 }
-                m
+                // The error points at the key: the path is the mapping holding it.
+                let key = match (line, column) {
+                    (Some(l), Some(c)) => self.locs().key_at(l, c).map(|k| k.path.clone()),
+                    _ => None,
+                };
+                let path = match &key {
+                    Some(k) => locate::parent(k).unwrap_or("").to_string(),
+                    None => {
+                        let near = at(self);
+                        near.rsplit_once('.')
+                            .map(|(p, last)| if last == *field { p } else { near.as_str() })
+                            .unwrap_or(if near == *field { "" } else { near.as_str() })
+                            .to_string()
+                    }
+                };
+                (path, m, key)
             }
-            serde_saphyr::Error::InvalidScalar { ty, .. } => {
+            E::InvalidScalar { ty, .. } => {
                 let got = match (line, column) {
                     (Some(l), Some(c)) => scalar_at(text, l, c),
                     _ => String::new(),
                 };
-                format!("expected {}, got `{got}`", human_type(ty))
+                let path = at(self);
+                let message = format!("expected {}, got `{got}`", human_type(ty));
+                (path.clone(), message, Some(path))
             }
-            other => strip_location(&other.to_string()),
-        };
-        // The key of an unknown field names the parent path better than "nearest value".
-        let path = match e.without_snippet() {
-            serde_saphyr::Error::SerdeUnknownField { field, .. } => {
-                let key_path = path
-                    .rsplit_once('.')
-                    .map(|(p, last)| if last == field { p } else { path.as_str() })
-                    .unwrap_or(if path == *field { "" } else { path.as_str() })
-                    .to_string();
-                key_path
+            other @ (E::Message { .. }
+            | E::SerdeInvalidType { .. }
+            | E::SerdeInvalidValue { .. }
+            | E::SerdeInvalidLength { .. }
+            | E::SerdeUnknownVariant { .. }
+            | E::NullIntoString { .. }
+            | E::InvalidBooleanStrict { .. }
+            | E::NonFiniteFloat { .. }) => {
+                let path = at(self);
+                let field = (line.is_some() && !path.is_empty()).then(|| path.clone());
+                (path, strip_location(&other.to_string()), field)
             }
-            _ => path,
+            other => (at(self), strip_location(&other.to_string()), None),
         };
         self.issues.push(ConfigIssue {
             file: self.file.clone(),
@@ -221,6 +331,7 @@ impl Validator<'_> {
             path,
             message,
         });
+        field_path
     }
 
     // === the whole file ===
@@ -690,7 +801,6 @@ impl Validator<'_> {
         let (max_depth, _) = pick(i, r, d, |x| x.queue.as_ref()?.max_depth, "queue.max_depth");
         let max_depth = max_depth.unwrap_or(1024).min(1 << 24) as usize;
         let (max_wait, wait_path) = pick(i, r, d, |x| x.queue.as_ref()?.max_wait, "queue.max_wait");
-        let max_wait = max_wait.unwrap_or(Dur(Duration::from_secs(1)));
         let (discipline, pth) = pick(
             i,
             r,
@@ -714,6 +824,7 @@ impl Validator<'_> {
             |x| x.timeouts.as_ref()?.request,
             "timeouts.request",
         );
+        let request_written = request.is_some();
         let request = request.unwrap_or(Dur(DEFAULT_REQUEST_TIMEOUT));
         if request.0.is_zero() {
             self.error(&req_path, "must be greater than 0s");
@@ -729,26 +840,30 @@ impl Validator<'_> {
             if pt.0.is_zero() {
                 self.error(&pt_path, "must be greater than 0s");
             } else if pt > request {
-                self.error(
-                    &pt_path,
-                    format!(
-                        "per_try ({}) must not exceed timeouts.request ({})",
-                        units::format_duration(pt.0),
-                        units::format_duration(request.0)
-                    ),
+                self.bound_by_deadline(
+                    i,
+                    (&pt_path, pt, "must not exceed", "exceeds"),
+                    (&req_path, request, request_written),
+                    "the deadline ends every attempt first",
                 );
             }
         }
-        if max_depth > 0 && max_wait >= request {
-            self.error(
-                &wait_path,
-                format!(
-                    "queue.max_wait ({}) must be less than timeouts.request ({})",
-                    units::format_duration(max_wait.0),
-                    units::format_duration(request.0)
-                ),
-            );
-        }
+        // An unset max_wait follows the deadline: a default never contradicts
+        // what the user wrote.
+        let max_wait = match max_wait {
+            Some(w) => {
+                if max_depth > 0 && w >= request {
+                    self.bound_by_deadline(
+                        i,
+                        (&wait_path, w, "must be less than", "is not less than"),
+                        (&req_path, request, request_written),
+                        "the deadline ends the wait first",
+                    );
+                }
+                w
+            }
+            None => Dur(DEFAULT_MAX_WAIT.min(request.0)),
+        };
         let (body_idle, pth) = pick(
             i,
             r,
@@ -806,6 +921,42 @@ impl Validator<'_> {
             fallback,
             max_request_body: max_body.unwrap_or(Size(10 << 20)),
         })
+    }
+
+    /// A value written by the user that the route's deadline bounds. Both
+    /// written: an error naming both as written. The deadline is the default:
+    /// only a warning, since a default must not make a config invalid and the
+    /// deadline bounds the value at run time anyway.
+    fn bound_by_deadline(
+        &mut self,
+        i: usize,
+        (path, value, relation, relation_now): (&str, Dur, &str, &str),
+        (req_path, request, req_written): (&str, Dur, bool),
+        consequence: &str,
+    ) {
+        let value = units::format_duration(value.0);
+        let request = units::format_duration(request.0);
+        let name = field_name(i, path);
+        if req_written {
+            // Point at the route's own line when one of the two comes from `defaults`.
+            let at = if path.starts_with("defaults.") && !req_path.starts_with("defaults.") {
+                req_path
+            } else {
+                path
+            };
+            let req_name = field_name(i, req_path);
+            self.error(
+                at,
+                format!("{name} ({value}) {relation} {req_name} ({request})"),
+            );
+        } else {
+            self.warn(
+                path,
+                format!(
+                    "{name} ({value}) {relation_now} the default timeouts.request ({request}): {consequence}; set `timeouts.request` to say which is meant"
+                ),
+            );
+        }
     }
 
     fn matcher(&mut self, p: &str, m: Option<&RawMatch>) -> MatchConfig {
@@ -963,7 +1114,7 @@ impl Validator<'_> {
                 out
             }
         };
-        let (base, _) = pick(
+        let (base, base_path) = pick(
             i,
             r,
             d,
@@ -977,13 +1128,27 @@ impl Validator<'_> {
             |x| x.retries.as_ref()?.backoff.as_ref()?.max,
             "retries.backoff.max",
         );
-        let backoff = BackoffConfig {
-            base: base.unwrap_or(Dur(Duration::from_millis(25))),
-            max: max.unwrap_or(Dur(Duration::from_secs(1))),
+        let base = base.unwrap_or(Dur(Duration::from_millis(25)));
+        // An unset max follows a longer base instead of contradicting it.
+        let max = match max {
+            Some(m) => {
+                if m < base {
+                    self.error(
+                        &max_path,
+                        format!(
+                            "{} ({}) must be at least {} ({})",
+                            field_name(i, &max_path),
+                            units::format_duration(m.0),
+                            field_name(i, &base_path),
+                            units::format_duration(base.0)
+                        ),
+                    );
+                }
+                m
+            }
+            None => Dur(DEFAULT_BACKOFF_MAX.max(base.0)),
         };
-        if backoff.max < backoff.base {
-            self.error(&max_path, "backoff.max must be at least backoff.base");
-        }
+        let backoff = BackoffConfig { base, max };
         let (ratio, rpath) = pick(
             i,
             r,
@@ -1186,6 +1351,17 @@ fn pick<T>(
     }
 }
 
+/// A route field as the user wrote it: relative to the route for its own
+/// fields (`queue.max_wait`), the full path for one from `defaults:`
+/// (`defaults.queue.max_wait`).
+fn field_name(i: usize, path: &str) -> &str {
+    let own = format!("routes[{i}].");
+    match path.strip_prefix(own.as_str()) {
+        Some(_) => &path[own.len()..],
+        None => path,
+    }
+}
+
 /// Does `a` match every request `b` matches?
 fn covers(a: &MatchConfig, b: &MatchConfig) -> bool {
     let methods = match (&a.methods, &b.methods) {
@@ -1263,6 +1439,48 @@ fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// A `defaults:` value is checked once per route: say each problem once.
+fn dedup(issues: &mut Vec<ConfigIssue>) {
+    let mut seen = HashSet::new();
+    issues.retain(|i| seen.insert(i.clone()));
+}
+
+/// Replaces the text in `span` with spaces (line breaks kept, one space per
+/// character so columns stay put), and a `,` right after it, so that a flow
+/// mapping stays valid; with `empty_map`, the first two become `{}`. False if
+/// nothing was left to blank.
+fn blank(text: &mut String, span: std::ops::Range<usize>, empty_map: bool) -> bool {
+    let (Some(before), Some(region)) = (text.get(..span.start), text.get(span.clone())) else {
+        return false;
+    };
+    if region.trim().is_empty() {
+        return false;
+    }
+    let mut after = &text[span.end..];
+    let trimmed = after.trim_start_matches([' ', '\t']);
+    let comma = trimmed.starts_with(',');
+    let gap = after.len() - trimmed.len();
+    let mut replaced: String = region
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { c } else { ' ' })
+        .collect();
+    // A key and its `:` are at least two characters on the first line.
+    if empty_map && replaced.starts_with("  ") {
+        replaced.replace_range(..2, "{}");
+    }
+    let mut out = String::with_capacity(text.len());
+    out.push_str(before);
+    out.push_str(&replaced);
+    if comma {
+        out.push_str(&after[..gap]);
+        out.push(' ');
+        after = &trimmed[1..];
+    }
+    out.push_str(after);
+    *text = out;
+    true
+}
+
 /// The plain scalar written at a 1-based line and column (to quote it back).
 fn scalar_at(text: &str, line: u64, column: u64) -> String {
     let Some(l) = text.lines().nth(line.saturating_sub(1) as usize) else {
@@ -1310,6 +1528,49 @@ mod tests {
             Some("max_in_flight")
         );
         assert_eq!(did_you_mean("zzz", ["max_in_flight"].into_iter()), None);
+    }
+
+    #[test]
+    fn blanking_keeps_positions_and_flow_syntax() {
+        let text = "a: {x: 1, bad: [1, 2], y: é}\nb:\n  bad:\n    - q\n  c: 3\n";
+        let locs = Locations::build(text);
+        let mut t = text.to_string();
+        let flow = locs.entry("a.bad").expect("a.bad").span.clone();
+        assert_eq!(&text[flow.clone()], "bad: [1, 2]");
+        assert!(blank(&mut t, flow.clone(), false));
+        let block = locs.entry("b.bad").expect("b.bad").span.clone();
+        assert_eq!(&text[block.clone()], "bad:\n    - q");
+        assert!(blank(&mut t, block.clone(), false));
+        assert_eq!(
+            t,
+            "a: {x: 1,              y: é}\nb:\n      \n       \n  c: 3\n"
+        );
+        // Still YAML, and what is left is where it was.
+        let after = Locations::build(&t);
+        let (p, q) = (locs.value("a.y").unwrap(), after.value("a.y").unwrap());
+        assert_eq!((p.line, p.column), (q.line, q.column));
+        let (p, q) = (locs.value("b.c").unwrap(), after.value("b.c").unwrap());
+        assert_eq!((p.line, p.column), (q.line, q.column));
+        assert!(after.key_at(3, 3).is_none());
+        assert!(after.key_at(1, 11).is_none());
+        // Nothing left to blank.
+        assert!(!blank(&mut t, block, false));
+
+        // A list item's only key: the item stays a (now empty) mapping.
+        let text = "l:\n  - bad: 1\n  - ok: 2\n";
+        let locs = Locations::build(text);
+        let e = locs.key_at(2, 5).expect("bad");
+        assert!(e.block);
+        assert_eq!(locs.siblings(e), 1);
+        let mut t = text.to_string();
+        assert!(blank(&mut t, e.span.clone(), true));
+        assert_eq!(t, "l:\n  - {}    \n  - ok: 2\n");
+        assert!(
+            !Locations::build("a: {b: 1}")
+                .entry("a.b")
+                .expect("a.b")
+                .block
+        );
     }
 
     #[test]
