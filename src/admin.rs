@@ -85,7 +85,7 @@ fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         "/metrics" => {
             let snap = state.shared.snapshot.load();
             for r in &snap.routes {
-                r.state.publish_gauges();
+                r.publish_gauges();
             }
             state
                 .shared

@@ -45,6 +45,10 @@ pub(crate) struct Metrics {
     pub global_in_flight: IntGauge,
     pub tls_reloads_total: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
+    pub priority_requests_total: IntCounterVec,
+    pub priority_in_flight: IntGaugeVec,
+    pub fairness_keys: IntGaugeVec,
+    pub shadow_decisions_total: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -117,6 +121,10 @@ impl Metrics {
             global_in_flight: g("spillway_global_in_flight", "Requests holding a process-wide permit (limits.max_in_flight)."),
             tls_reloads_total: counter(&r, "spillway_tls_reloads_total", "Certificate rotations (listener and upstream TLS files) by result; a failure leaves the previous certificate in use.", &["result"]),
             tls_cert_expiry: gauge(&r, "spillway_tls_cert_expiry_timestamp_seconds", "Unix time at which the certificate a listener serves expires.", &["listener"]),
+            priority_requests_total: counter(&r, "spillway_priority_requests_total", "Requests of a priority class admitted or shed.", &["route", "class", "outcome"]),
+            priority_in_flight: gauge(&r, "spillway_priority_in_flight", "Route permits held per priority class.", &["route", "class"]),
+            fairness_keys: gauge(&r, "spillway_fairness_keys", "Fairness keys with requests in flight or waiting.", &["route"]),
+            shadow_decisions_total: counter(&r, "spillway_shadow_decisions_total", "Decisions shadow mode would have taken (the request went through).", &["route", "decision"]),
             registry: r,
         }
     }

@@ -22,10 +22,12 @@ use parking_lot::Mutex;
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::IntCounter;
 
+use crate::config::Mode;
 use crate::config::{Config, QueueDiscipline, RouteConfig, UpstreamConfig};
 use crate::error::Reason;
 use crate::metrics::{LabelCounters, Metrics, PairCounters, RouteHistograms, StatusClass};
-use crate::proxy::admission::{Admission, AdmissionLimits, Discipline, GlobalLimit};
+use crate::proxy::admission::{Admission, AdmissionLimits, Discipline, GlobalLimit, Policy};
+use crate::proxy::outcome::ShadowLabel;
 use crate::proxy::outcome::TimeoutStage;
 use crate::proxy::retry::RetryLabel;
 use crate::proxy::retry::{Backoff, BudgetConfig, RetryBudget, RetryOn};
@@ -46,9 +48,18 @@ pub(crate) struct RouteState {
     /// spillway_retries_total by cause label index (see `retry_cause_index`).
     pub retries: LabelCounters<RetryLabel>,
     pub budget_exhausted: IntCounter,
+    /// spillway_shadow_decisions_total by decision.
+    pub shadow: LabelCounters<ShadowLabel>,
     pub metrics: Arc<Metrics>,
     /// Who else uses this route name's metric series (see [`SeriesOwners`]).
     owners: Arc<SeriesOwners>,
+}
+
+/// `spillway_priority_requests_total` handles of one class, resolved when
+/// the route is built (class names come from the config).
+pub(crate) struct ClassCounters {
+    pub admitted: IntCounter,
+    pub shed: IntCounter,
 }
 
 /// Live [`RouteState`]s per route name. Two can exist at once: a reload that
@@ -87,6 +98,8 @@ pub(crate) struct Route {
     pub upstream: Arc<Upstream>,
     pub retry_on: RetryOn,
     pub backoff: Backoff,
+    /// Per priority class, in class order (empty without priority).
+    pub classes: Vec<ClassCounters>,
 }
 
 /// One config generation, published with arc-swap and loaded once per request.
@@ -181,6 +194,7 @@ impl Registry {
         let mut routes = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
             let limits = admission_limits(rc);
+            let policy = admission_policy(rc);
             let budget = BudgetConfig {
                 ratio: rc.retries.budget.ratio,
                 min_per_second: rc.retries.budget.min_per_second,
@@ -188,6 +202,7 @@ impl Registry {
             let state = match inner.routes.get(&rc.name).and_then(Weak::upgrade) {
                 Some(s) => {
                     s.admission.set_limits(limits);
+                    s.admission.set_policy(policy);
                     s.budget.set_config(budget);
                     s
                 }
@@ -195,6 +210,7 @@ impl Registry {
                     let s = Arc::new(RouteState::new(
                         &rc.name,
                         limits,
+                        policy,
                         budget,
                         &self.metrics,
                         &self.series,
@@ -223,6 +239,7 @@ impl Registry {
                     base: rc.retries.backoff.base.0,
                     max: rc.retries.backoff.max.0,
                 },
+                classes: class_counters(&self.metrics, rc),
             });
         }
         drop(inner);
@@ -274,6 +291,37 @@ fn diff(previous: Option<&Snapshot>, routes: &[Route], upstreams: &[Arc<Upstream
 }
 
 /// Admission parameters of a route.
+/// The route's classes, fairness and mode as the admission controller takes them.
+pub(crate) fn admission_policy(rc: &RouteConfig) -> Policy {
+    Policy {
+        reserved: rc
+            .priority
+            .as_ref()
+            .map_or_else(|| vec![0.0], |p| p.reserved.clone()),
+        max_keys: rc.fairness.as_ref().map(|f| f.max_keys),
+        shadow: rc.mode == Mode::Shadow,
+    }
+}
+
+fn class_counters(m: &Metrics, rc: &RouteConfig) -> Vec<ClassCounters> {
+    let Some(p) = &rc.priority else {
+        return Vec::new();
+    };
+    p.classes
+        .iter()
+        .map(|class| ClassCounters {
+            admitted: m.priority_requests_total.with_label_values(&[
+                rc.name.as_str(),
+                class,
+                "admitted",
+            ]),
+            shed: m
+                .priority_requests_total
+                .with_label_values(&[rc.name.as_str(), class, "shed"]),
+        })
+        .collect()
+}
+
 pub(crate) fn admission_limits(rc: &RouteConfig) -> AdmissionLimits {
     AdmissionLimits {
         max_in_flight: rc.concurrency.max_in_flight,
@@ -294,6 +342,7 @@ impl RouteState {
     fn new(
         name: &str,
         limits: AdmissionLimits,
+        policy: Policy,
         budget: BudgetConfig,
         metrics: &Arc<Metrics>,
         owners: &Arc<SeriesOwners>,
@@ -305,7 +354,7 @@ impl RouteState {
         claim_key(&mut live, name);
         let state = RouteState {
             name: name.to_string(),
-            admission: Admission::new(limits),
+            admission: Admission::with_policy(limits, policy),
             budget: RetryBudget::new(budget),
             hist: RouteHistograms::new(metrics, name),
             requests: PairCounters::new(),
@@ -315,6 +364,7 @@ impl RouteState {
             budget_exhausted: metrics
                 .retry_budget_exhausted_total
                 .with_label_values(&[name]),
+            shadow: LabelCounters::new(),
             metrics: metrics.clone(),
             owners: owners.clone(),
         };
@@ -373,6 +423,33 @@ impl RouteState {
     }
 }
 
+impl Route {
+    /// The route state's gauges, plus those that need the route's config
+    /// (class names, whether fairness is on). Called on scrape.
+    pub(crate) fn publish_gauges(&self) {
+        self.state.publish_gauges();
+        let m = &self.state.metrics;
+        let name = self.state.name.as_str();
+        if self.config.priority.is_none() && self.config.fairness.is_none() {
+            return;
+        }
+        let s = self.state.admission.stats();
+        if let Some(p) = &self.config.priority {
+            for (i, class) in p.classes.iter().enumerate() {
+                let n = s.class_in_flight.get(i).copied().unwrap_or(0);
+                m.priority_in_flight
+                    .with_label_values(&[name, class])
+                    .set(n as i64);
+            }
+        }
+        if self.config.fairness.is_some() {
+            m.fairness_keys
+                .with_label_values(&[name])
+                .set(s.keys as i64);
+        }
+    }
+}
+
 /// The last state of a route name is gone (the route was removed or renamed
 /// and every request that used it has finished): remove the name's series
 /// so they do not linger in /metrics.
@@ -397,6 +474,10 @@ impl Drop for RouteState {
         remove_route_series(&m.queue_depth, route);
         remove_route_series(&m.queue_depth_peak, route);
         remove_route_series(&m.queue_capacity, route);
+        remove_route_series(&m.priority_requests_total, route);
+        remove_route_series(&m.priority_in_flight, route);
+        remove_route_series(&m.fairness_keys, route);
+        remove_route_series(&m.shadow_decisions_total, route);
         drop(live);
         tracing::debug!(route, "route drained; its state and metric series are gone");
     }
@@ -553,7 +634,7 @@ mod tests {
             r.state.count_timeout(TimeoutStage::PerTry);
             r.state.count_retry(RetryLabel::Unavailable);
             r.state.hist.duration.observe(0.01);
-            r.state.publish_gauges();
+            r.publish_gauges();
         }
         assert!(series(&m, "b") > 0);
         // An in-flight request on `b` holds its state.
@@ -649,9 +730,9 @@ mod tests {
             ratio: 0.2,
             min_per_second: 10,
         };
-        let old = RouteState::new("r", limits, budget, &m, &owners);
+        let old = RouteState::new("r", limits, Policy::default(), budget, &m, &owners);
         old.count_request(200, Reason::Upstream);
-        let new = RouteState::new("r", limits, budget, &m, &owners);
+        let new = RouteState::new("r", limits, Policy::default(), budget, &m, &owners);
         drop(old);
         new.count_request(200, Reason::Upstream);
         new.budget_exhausted.inc();

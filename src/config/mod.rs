@@ -145,6 +145,7 @@ pub struct BreakerSettings {
     pub recovery_timeout: Dur,
     pub half_open_calls: u32,
     pub failure_on: FailureOn,
+    pub mode: Mode,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -176,6 +177,9 @@ pub struct RouteConfig {
     pub shed: ShedConfig,
     pub fallback: Option<FallbackConfig>,
     pub max_request_body: Size,
+    pub priority: Option<PriorityConfig>,
+    pub fairness: Option<FairnessConfig>,
+    pub mode: Mode,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -219,6 +223,58 @@ impl Serialize for PathRegex {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.source)
     }
+}
+
+/// `enforce` (the default) or `shadow`: decide, count, but do not act.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+/// Criticality classes of a route (`priority:`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PriorityConfig {
+    /// The request header naming the class (forwarded unchanged).
+    #[serde(serialize_with = "ser_header")]
+    pub header: HeaderName,
+    /// Class names, highest first.
+    pub classes: Vec<String>,
+    /// Index in `classes` of a request without, or with an unknown, value.
+    pub default: usize,
+    /// Share of the limit reserved per class, in `classes` order (0 where none).
+    pub reserved: Vec<f64>,
+}
+
+impl PriorityConfig {
+    /// The class index of a request carrying `value` in the class header.
+    pub fn class_of(&self, value: Option<&[u8]>) -> usize {
+        value
+            .and_then(|v| self.classes.iter().position(|c| c.as_bytes() == v))
+            .unwrap_or(self.default)
+    }
+}
+
+/// Per-caller fairness of a route (`fairness:`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FairnessConfig {
+    pub key: FairKey,
+    /// Keys tracked at once; further keys share one overflow key.
+    pub max_keys: usize,
+}
+
+/// Where a request's fairness key comes from.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum FairKey {
+    /// A request header's value (a missing header is the empty key).
+    Header(#[serde(serialize_with = "ser_header")] HeaderName),
+    /// The client's IP address.
+    ClientIp,
+    /// The verified mTLS client identity.
+    ClientIdentity,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -489,6 +545,10 @@ fn ser_headers<S: serde::Serializer>(
         v.iter()
             .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("<binary>"))),
     )
+}
+
+fn ser_header<S: serde::Serializer>(v: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_str())
 }
 
 fn ser_opt_header<S: serde::Serializer>(v: &Option<HeaderName>, s: S) -> Result<S::Ok, S::Error> {

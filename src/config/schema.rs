@@ -124,6 +124,7 @@ pub(crate) struct RawBreaker {
     pub recovery_timeout: Option<Dur>,
     pub half_open_calls: Option<u64>,
     pub failure_on: Option<Vec<String>>,
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,6 +150,41 @@ pub(crate) struct RawRoute {
     pub shed: Option<RawShed>,
     pub fallback: Option<RawFallback>,
     pub max_request_body: Option<Size>,
+    pub priority: Option<RawPriority>,
+    pub fairness: Option<RawFairness>,
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPriority {
+    pub header: Option<String>,
+    pub classes: Option<Vec<String>>,
+    pub default: Option<String>,
+    pub reserved: Option<BTreeMap<String, RawShare>>,
+}
+
+/// A share of the limit: `20%`, or a fraction like `0.2`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub(crate) enum RawShare {
+    Number(f64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFairness {
+    pub key: Option<RawFairKey>,
+    pub max_keys: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFairKey {
+    pub header: Option<String>,
+    pub client_ip: Option<bool>,
+    pub client_identity: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]

@@ -13,6 +13,8 @@ use super::locate::{self, Locations};
 use super::schema::*;
 use super::*;
 
+mod overload;
+
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// `queue.max_wait` when unset, lowered to `timeouts.request` when that is shorter.
 const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
@@ -420,6 +422,22 @@ impl Validator<'_> {
             }
         }
         self.shadowed(&routes);
+        let mtls = listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()));
+        for (i, r) in routes.iter().enumerate() {
+            if !mtls
+                && matches!(
+                    r.fairness.as_ref().map(|f| &f.key),
+                    Some(FairKey::ClientIdentity)
+                )
+            {
+                self.error(
+                    &format!("routes[{i}].fairness.key.client_identity"),
+                    "a client identity needs a listener with `tls.client_ca` (without it no client certificate is verified)",
+                );
+            }
+        }
         Some(Config {
             version: 1,
             listeners,
@@ -746,6 +764,7 @@ impl Validator<'_> {
                 3,
             ),
             failure_on,
+            mode: self.mode(&format!("{p}.mode"), b.mode.as_deref()),
         }
     }
 
@@ -901,6 +920,12 @@ impl Validator<'_> {
         let (fallback, pth) = pick(i, r, d, |x| x.fallback.clone(), "fallback");
         let fallback = fallback.map(|f| self.fallback(&pth, &f));
         let (max_body, _) = pick(i, r, d, |x| x.max_request_body, "max_request_body");
+        let (raw_priority, pp) = pick(i, r, d, |x| x.priority.clone(), "priority");
+        let priority = raw_priority.and_then(|x| self.priority(&pp, &x));
+        let (raw_fairness, fp) = pick(i, r, d, |x| x.fairness.clone(), "fairness");
+        let fairness = raw_fairness.and_then(|x| self.fairness(&fp, &x));
+        let (raw_mode, mp) = pick(i, r, d, |x| x.mode.clone(), "mode");
+        let mode = self.mode(&mp, raw_mode.as_deref());
         Some(RouteConfig {
             name,
             matcher,
@@ -920,6 +945,9 @@ impl Validator<'_> {
             shed,
             fallback,
             max_request_body: max_body.unwrap_or(Size(10 << 20)),
+            priority,
+            fairness,
+            mode,
         })
     }
 

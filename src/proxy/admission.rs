@@ -119,6 +119,19 @@ pub(crate) const MAX_CLASSES: usize = 8;
 /// The key further keys share once `max_keys` are tracked.
 pub(crate) const OVERFLOW_KEY: u64 = u64::MAX;
 
+/// A fairness key from the bytes that identify a caller: keyed SipHash with
+/// a per-process random key, so callers cannot aim their keys at one
+/// another's; never [`OVERFLOW_KEY`].
+pub(crate) fn key_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    let mut h = STATE
+        .get_or_init(std::hash::RandomState::new)
+        .build_hasher();
+    h.write(bytes);
+    h.finish().min(OVERFLOW_KEY - 1)
+}
+
 /// Order in which queued requests are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Discipline {
@@ -1169,13 +1182,15 @@ impl State {
             }
         }
         entries.sort_by_key(|(_, e)| e.enqueued_at);
+        // `push` counts each waiter under its key again.
+        for k in self.keys.values_mut() {
+            k.waiting = 0;
+        }
         let peak = self.peak;
         let standing = self.standing_since;
         for (t, e) in entries {
             e.slot.set_ticket(t);
-            if fair {
-                // `push` counts waiting per key.
-            }
+            // `push` counts the waiter under its key again.
             self.push(t, e.slot, e.enqueued_at);
         }
         self.peak = peak.max(self.live);
@@ -1353,13 +1368,6 @@ impl fmt::Debug for Admitted {
 }
 
 // === impl Permit ===
-
-impl Permit {
-    /// The class the request was admitted as.
-    pub(crate) fn class(&self) -> usize {
-        self.ticket.class
-    }
-}
 
 impl Drop for Permit {
     fn drop(&mut self) {
@@ -1957,5 +1965,248 @@ mod tests {
         assert_eq!((stats.in_flight, stats.queue_depth), (0, 0));
         assert_eq!(adm.word.load(Ordering::SeqCst), 0, "waiters bit cleared");
         assert!(stats.queue_depth_peak > 0, "the queue was exercised");
+    }
+
+    // === classes, keys, shadow ===
+
+    fn policy(reserved: &[f64], max_keys: Option<usize>, shadow: bool) -> Policy {
+        Policy {
+            reserved: reserved.to_vec(),
+            max_keys,
+            shadow,
+        }
+    }
+
+    fn start_as(adm: &Arc<Admission>, class: usize, key: u64) -> AcquireFuture {
+        let adm = Arc::clone(adm);
+        Box::pin(async move { adm.acquire_as(Ticket { class, key }, None).await })
+    }
+
+    fn queued_as(adm: &Arc<Admission>, class: usize, key: u64) -> AcquireFuture {
+        let mut fut = start_as(adm, class, key);
+        assert!(
+            poll(&mut fut).is_pending(),
+            "expected class {class} key {key} to queue"
+        );
+        fut
+    }
+
+    async fn now_as(adm: &Arc<Admission>, class: usize, key: u64) -> Admitted {
+        adm.acquire_as(Ticket { class, key }, None)
+            .await
+            .expect("admitted")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reserved_share_holds_exactly_at_the_boundary() {
+        // Limit 10, 20% for class 0: classes 1 and 2 stop at 8 in flight.
+        let adm = Admission::with_policy(
+            limits(10, 10, 10_000),
+            policy(&[0.2, 0.0, 0.0], None, false),
+        );
+        let mut held = Vec::new();
+        for i in 0..8 {
+            held.push(now_as(&adm, 1 + i % 2, 0).await);
+        }
+        let mut lower = queued_as(&adm, 1, 0);
+        let mut lowest = queued_as(&adm, 2, 0);
+        // Class 0 can still take the 9th and 10th.
+        held.push(now_as(&adm, 0, 0).await);
+        held.push(now_as(&adm, 0, 0).await);
+        let mut top = queued_as(&adm, 0, 0);
+        assert_eq!(adm.stats().in_flight, 10);
+        assert_eq!(adm.stats().class_in_flight, vec![2, 4, 4]);
+        // A freed permit goes to class 0 first, though it came last.
+        drop(held.pop());
+        let top_admitted = admitted(&mut top);
+        assert!(poll(&mut lower).is_pending());
+        // At 9 in flight class 1 is still over its threshold (8).
+        drop(top_admitted);
+        assert!(poll(&mut lower).is_pending());
+        drop(held.pop());
+        // 8 in flight: still at the class 1 threshold.
+        assert!(poll(&mut lower).is_pending());
+        drop(held.pop());
+        let a = admitted(&mut lower);
+        assert!(poll(&mut lowest).is_pending());
+        drop(held.pop());
+        let _b = admitted(&mut lowest);
+        drop(a);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_higher_class_displaces_the_newest_lowest_waiter() {
+        let adm =
+            Admission::with_policy(limits(1, 3, 10_000), policy(&[0.0, 0.0, 0.0], None, false));
+        let _holder = now_as(&adm, 1, 0).await;
+        let mut old_low = queued_as(&adm, 2, 0);
+        let mut new_low = queued_as(&adm, 2, 0);
+        let mut mid = queued_as(&adm, 1, 0);
+        // Full. A class-0 arrival displaces the newest class-2 waiter.
+        let _top = queued_as(&adm, 0, 0);
+        assert_eq!(rejected(&mut new_low), Rejected::Priority);
+        assert!(poll(&mut old_low).is_pending());
+        // A class-1 arrival displaces the remaining class-2 waiter.
+        let _mid2 = queued_as(&adm, 1, 0);
+        assert_eq!(rejected(&mut old_low), Rejected::Priority);
+        // Nothing below class 1 waits now: another class-1 arrival is refused.
+        assert_eq!(rejected(&mut start_as(&adm, 1, 0)), Rejected::QueueFull);
+        // And a class-2 arrival never displaces anyone.
+        assert_eq!(rejected(&mut start_as(&adm, 2, 0)), Rejected::QueueFull);
+        assert!(poll(&mut mid).is_pending());
+        assert_eq!(adm.stats().queue_depth, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_permit_goes_to_the_key_holding_fewest() {
+        let adm = Admission::with_policy(limits(4, 10, 10_000), policy(&[0.0], Some(16), false));
+        // A key alone may use the whole limit.
+        let mut a_held: Vec<_> = Vec::new();
+        for _ in 0..3 {
+            a_held.push(now_as(&adm, 0, 1).await);
+        }
+        let b_held = now_as(&adm, 0, 2).await;
+        let mut a_wait = queued_as(&adm, 0, 1);
+        let mut b_wait = queued_as(&adm, 0, 2);
+        assert_eq!(adm.stats().keys, 2);
+        // A holds 3, B holds 1: B's waiter goes first though it came later.
+        drop(a_held.pop());
+        let b2 = admitted(&mut b_wait);
+        assert!(poll(&mut a_wait).is_pending());
+        // A holds 2, B holds 2: A's is the only one left.
+        drop(b_held);
+        let _a3 = admitted(&mut a_wait);
+        drop((a_held, b2));
+        drop(_a3);
+        let stats = adm.stats();
+        assert_eq!((stats.in_flight, stats.queue_depth, stats.keys), (0, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_with_fewer_waiters_displaces_the_busiest_key() {
+        let adm = Admission::with_policy(limits(1, 3, 10_000), policy(&[0.0], Some(16), false));
+        let _holder = now_as(&adm, 0, 1).await;
+        let mut a1 = queued_as(&adm, 0, 1);
+        let mut a2 = queued_as(&adm, 0, 1);
+        let mut a3 = queued_as(&adm, 0, 1);
+        // Full of A. B has no waiter: it displaces A's newest.
+        let mut b = queued_as(&adm, 0, 2);
+        assert_eq!(rejected(&mut a3), Rejected::FairShare);
+        // A again: A has the most waiters, so it gets queue_full.
+        assert_eq!(rejected(&mut start_as(&adm, 0, 1)), Rejected::QueueFull);
+        // B again: 1 waiter against A's 2 — displaces A's newest.
+        let _b2 = queued_as(&adm, 0, 2);
+        assert_eq!(rejected(&mut a2), Rejected::FairShare);
+        // Now A 1, B 2: a third B is refused, C displaces B's newest.
+        assert_eq!(rejected(&mut start_as(&adm, 0, 2)), Rejected::QueueFull);
+        assert!(poll(&mut a1).is_pending());
+        assert!(poll(&mut b).is_pending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_are_bounded_and_forgotten_when_idle() {
+        let adm = Admission::with_policy(limits(8, 8, 10_000), policy(&[0.0], Some(2), false));
+        let held: Vec<_> =
+            futures_util::future::join_all((0..6u64).map(|k| now_as(&adm, 0, 100 + k))).await;
+        // Two keys tracked, the rest share the overflow key.
+        assert_eq!(adm.stats().keys, 3);
+        assert!(held
+            .iter()
+            .skip(2)
+            .all(|a| a.permit.ticket.key == OVERFLOW_KEY));
+        drop(held);
+        assert_eq!(adm.stats().keys, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_mode_lets_everyone_through_and_reports_what_would_have_happened() {
+        let adm = Admission::with_policy(limits(2, 2, 10_000), policy(&[0.0], None, true));
+        let mut held = Vec::new();
+        let mut decisions = Vec::new();
+        for _ in 0..6 {
+            let a = now_as(&adm, 0, 0).await;
+            decisions.push(a.shadow);
+            held.push(a);
+        }
+        use ShadowDecision::*;
+        assert_eq!(
+            decisions,
+            vec![
+                Some(Admit),
+                Some(Admit),
+                Some(Queue),
+                Some(Queue),
+                Some(Reject(Rejected::QueueFull)),
+                Some(Reject(Rejected::QueueFull)),
+            ]
+        );
+        let stats = adm.stats();
+        assert_eq!((stats.in_flight, stats.queue_depth), (6, 2));
+        // A virtual permit freed: the oldest virtual waiter takes it, so a
+        // new arrival would still have to queue.
+        drop(held.remove(0));
+        assert_eq!(adm.stats().queue_depth, 1);
+        assert_eq!(now_as(&adm, 0, 0).await.shadow, Some(Queue));
+        drop(held);
+        let stats = adm.stats();
+        assert_eq!((stats.in_flight, stats.queue_depth), (0, 0));
+        assert_eq!(adm.word.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_to_enforce_keeps_in_flight_and_queues_new_requests() {
+        let adm = Admission::with_policy(limits(2, 4, 10_000), policy(&[0.0], None, true));
+        let mut held: Vec<_> = Vec::new();
+        for _ in 0..5 {
+            held.push(now_as(&adm, 0, 0).await);
+        }
+        adm.set_policy(policy(&[0.0], None, false));
+        assert_eq!(adm.stats().in_flight, 5);
+        let mut next = queued(&adm);
+        for _ in 0..3 {
+            drop(held.pop());
+            assert!(poll(&mut next).is_pending(), "admitted above the limit");
+        }
+        drop(held.pop());
+        let a = admitted(&mut next);
+        drop((a, held));
+        let stats = adm.stats();
+        assert_eq!((stats.in_flight, stats.queue_depth), (0, 0));
+        assert_eq!(adm.word.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn enforce_to_shadow_lets_the_queue_through() {
+        let adm = Admission::new(limits(1, 4, 10_000));
+        let holder = now_admitted(&adm).await;
+        let mut a = queued(&adm);
+        let mut b = queued(&adm);
+        adm.set_policy(policy(&[0.0], None, true));
+        let a = admitted(&mut a);
+        let b = admitted(&mut b);
+        assert_eq!(adm.stats().in_flight, 3);
+        drop((holder, a, b));
+        assert_eq!(adm.stats().in_flight, 0);
+        assert_eq!(adm.word.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn policy_changes_keep_waiters_in_place() {
+        let adm = Admission::with_policy(
+            limits(1, 8, 10_000),
+            policy(&[0.0, 0.0, 0.0], Some(8), false),
+        );
+        let holder = now_as(&adm, 0, 1).await;
+        let mut low = queued_as(&adm, 2, 1);
+        advance(Duration::from_millis(1)).await;
+        let mut high = queued_as(&adm, 0, 2);
+        // Down to one class, no fairness: both stay queued, in arrival order.
+        adm.set_policy(Policy::default());
+        assert_eq!(adm.stats().queue_depth, 2);
+        drop(holder);
+        let first = admitted(&mut low);
+        assert!(poll(&mut high).is_pending());
+        drop(first);
+        let _second = admitted(&mut high);
     }
 }

@@ -42,16 +42,17 @@ use hyper::body::Incoming;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
+use crate::config::FairKey;
 use crate::error::{is_grpc, ProxyError, Reason};
 use crate::metrics::{Label, Metrics};
 use crate::registry::{Route, RouteState, Snapshot};
 use crate::shutdown::{Phase, Shutdown, Tracker};
-use admission::{GlobalPermit, Permit, Rejected};
+use admission::{GlobalPermit, Permit, Rejected, ShadowDecision, Ticket};
 use body::{BodyGuard, BodyOutcome, ClientWait, ProxyBody, RequestBody, RespBody, UpstreamBody};
 use breaker::BreakerTicket;
 use outcome::{
     find_client_fault, AttemptError, AttemptErrorKind, AttemptOutcome, ClientFault, Decision,
-    Reply, TimeoutStage, Tried, Verdict,
+    Reply, ShadowLabel, TimeoutStage, Tried, Verdict,
 };
 use retry::safe_to_retry;
 use upstream::EndpointLoad;
@@ -75,6 +76,8 @@ pub(crate) struct ConnInfo {
     /// The peer's address as a header value (x-forwarded-for), made once.
     pub remote_ip: HeaderValue,
     pub https: bool,
+    /// Fairness key of the verified mTLS client identity, if any.
+    pub identity_key: Option<u64>,
 }
 
 impl ConnInfo {
@@ -82,7 +85,14 @@ impl ConnInfo {
         ConnInfo {
             remote_ip: headers::ip_header_value(remote.ip()),
             https,
+            identity_key: None,
         }
+    }
+
+    /// The connection's verified client identity (mTLS), as a fairness key.
+    pub(crate) fn with_identity(mut self, identity: Option<&[u8]>) -> Self {
+        self.identity_key = identity.map(admission::key_hash);
+        self
     }
 }
 
@@ -185,6 +195,38 @@ impl<'a> Ctx<'a> {
 
     fn state(&self) -> &Arc<RouteState> {
         &self.route.state
+    }
+
+    /// Who is asking, for admission: the priority class named by the
+    /// class header, and the fairness key.
+    fn ticket(&self, headers: &http::HeaderMap) -> Ticket {
+        let cfg = &self.route.config;
+        let class = cfg.priority.as_ref().map_or(0, |p| {
+            p.class_of(headers.get(&p.header).map(HeaderValue::as_bytes))
+        });
+        let key = match cfg.fairness.as_ref().map(|f| &f.key) {
+            None => 0,
+            Some(FairKey::Header(h)) => {
+                admission::key_hash(headers.get(h).map_or(&b""[..], HeaderValue::as_bytes))
+            }
+            Some(FairKey::ClientIp) => admission::key_hash(self.conn.remote_ip.as_bytes()),
+            Some(FairKey::ClientIdentity) => self
+                .conn
+                .identity_key
+                .unwrap_or_else(|| admission::key_hash(b"")),
+        };
+        Ticket { class, key }
+    }
+
+    /// Counts (and logs at debug) what shadow mode let through.
+    fn shadow(&self, decision: ShadowLabel) {
+        let state = self.state();
+        state.shadow.inc(
+            decision,
+            &state.metrics.shadow_decisions_total,
+            &[&state.name],
+        );
+        tracing::debug!(route = %state.name, decision = decision.as_str(), "shadow mode: enforcement would have acted");
     }
 
     /// A shed reply with the route's `shed` settings.
@@ -324,15 +366,18 @@ fn local(d: Decision) -> ProxyError {
     }
 }
 
-/// What admission grants: the route permit and the process-wide one.
+/// What admission grants: the route permit and the process-wide one (none
+/// when shadow mode let the request past a full process).
 struct Admitted {
     permit: Permit,
-    global: GlobalPermit,
+    global: Option<GlobalPermit>,
 }
 
-/// Admit: size check by declaration, the route's cap and queue, then the
-/// process-wide cap. The global cap counts requests at upstreams only: an
-/// overloaded route's queue must not fill it and shed other routes.
+/// Admit: size check by declaration, the route's cap and queue (with its
+/// classes and fairness keys), then the process-wide cap. The global cap
+/// counts requests at upstreams only: an overloaded route's queue must not
+/// fill it and shed other routes. In shadow mode nothing waits and nothing
+/// is refused; what would have been is counted.
 async fn admit(ctx: &Ctx<'_>, headers: &http::HeaderMap) -> Result<Admitted, ProxyError> {
     let cfg = &ctx.route.config;
     let state = ctx.state();
@@ -340,21 +385,57 @@ async fn admit(ctx: &Ctx<'_>, headers: &http::HeaderMap) -> Result<Admitted, Pro
     if content_length(headers).is_some_and(|n| n > cfg.max_request_body.0) {
         return Err(ProxyError::new(Reason::BodyTooLarge));
     }
-    let admitted = match state.admission.acquire(Some(ctx.deadline)).await {
+    let ticket = ctx.ticket(headers);
+    let class = ctx.route.classes.get(ticket.class);
+    let shed = |reason| {
+        if let Some(c) = class {
+            c.shed.inc();
+        }
+        ctx.shed(reason)
+    };
+    let admitted = match state.admission.acquire_as(ticket, Some(ctx.deadline)).await {
         Ok(a) => a,
-        Err(Rejected::QueueFull) => return Err(ctx.shed(Reason::QueueFull)),
-        Err(Rejected::Priority) => return Err(ctx.shed(Reason::Priority)),
-        Err(Rejected::FairShare) => return Err(ctx.shed(Reason::FairShare)),
-        Err(Rejected::QueueTimeout) => {
-            state.count_timeout(TimeoutStage::Queue);
-            return Err(ctx.shed(Reason::QueueTimeout));
+        Err(rejected) => {
+            if rejected == Rejected::QueueTimeout {
+                state.count_timeout(TimeoutStage::Queue);
+            }
+            return Err(shed(match rejected {
+                Rejected::QueueFull => Reason::QueueFull,
+                Rejected::QueueTimeout => Reason::QueueTimeout,
+                Rejected::Priority => Reason::Priority,
+                Rejected::FairShare => Reason::FairShare,
+            }));
         }
     };
-    let global = ctx
-        .snap
-        .global
-        .try_acquire()
-        .ok_or_else(|| ctx.shed(Reason::GlobalLimit))?;
+    let shadow = admitted.shadow.is_some();
+    if let Some(decision) = admitted.shadow {
+        match decision {
+            ShadowDecision::Admit => {}
+            ShadowDecision::Queue | ShadowDecision::Reject(Rejected::QueueTimeout) => {
+                ctx.shadow(ShadowLabel::Queue)
+            }
+            ShadowDecision::Reject(Rejected::QueueFull) => ctx.shadow(ShadowLabel::QueueFull),
+            ShadowDecision::Reject(Rejected::Priority) => ctx.shadow(ShadowLabel::Priority),
+            ShadowDecision::Reject(Rejected::FairShare) => ctx.shadow(ShadowLabel::FairShare),
+        }
+        // A virtual waiter this request displaced would have been shed.
+        match admitted.displaced {
+            Some(Rejected::Priority) => ctx.shadow(ShadowLabel::Priority),
+            Some(Rejected::FairShare) => ctx.shadow(ShadowLabel::FairShare),
+            _ => {}
+        }
+    }
+    let global = match ctx.snap.global.try_acquire() {
+        Some(g) => Some(g),
+        None if shadow => {
+            ctx.shadow(ShadowLabel::GlobalLimit);
+            None
+        }
+        None => return Err(shed(Reason::GlobalLimit)),
+    };
+    if let Some(c) = class {
+        c.admitted.inc();
+    }
     let waited = admitted.waited.as_secs_f64();
     state.hist.queue_wait.observe(waited);
     state.hist.queue.observe(waited);
@@ -512,6 +593,11 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
         None => None,
         Some(b) => match b.try_acquire() {
             Ok(t) => Some(t),
+            // Shadow breaker: its state machine runs, the request goes on.
+            Err(_) if upstream.breaker_is_shadow() => {
+                ctx.shadow(ShadowLabel::BreakerOpen);
+                None
+            }
             Err(open) => {
                 return Err(ProxyError::new(Reason::BreakerOpen).retry_after(open.retry_after))
             }
@@ -625,11 +711,12 @@ fn retry_plan(
     if Instant::now() + delay >= ctx.deadline {
         return None;
     }
-    let breaker_open = route
-        .upstream
-        .breaker
-        .as_ref()
-        .is_some_and(|b| b.state() == breaker::BreakerState::Open);
+    let breaker_open = !route.upstream.breaker_is_shadow()
+        && route
+            .upstream
+            .breaker
+            .as_ref()
+            .is_some_and(|b| b.state() == breaker::BreakerState::Open);
     if breaker_open {
         return None;
     }
@@ -722,7 +809,7 @@ async fn tunnel(
 struct RequestGuard {
     state: Arc<RouteState>,
     _permit: Permit,
-    _global: GlobalPermit,
+    _global: Option<GlobalPermit>,
     _endpoint: EndpointLoad,
     arrival: Instant,
     status: u16,

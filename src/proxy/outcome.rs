@@ -73,6 +73,23 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// `decision` of `spillway_shadow_decisions_total`: what enforcement
+    /// would have done with a request that shadow mode let through.
+    pub(crate) enum ShadowLabel {
+        /// It would have waited in the queue.
+        Queue => "queue",
+        QueueFull => "queue_full",
+        /// It would have been displaced by a higher-priority request.
+        Priority => "priority",
+        /// It would have been displaced by a caller holding fewer requests.
+        FairShare => "fair_share",
+        GlobalLimit => "global_limit",
+        /// An open breaker would have refused it.
+        BreakerOpen => "breaker_open",
+    }
+}
+
 impl AttemptOutcome {
     /// The outcome of a response with this status.
     pub(crate) fn of_status(status: u16) -> Self {
@@ -662,5 +679,6 @@ mod tests {
         check::<Reason>();
         check::<crate::metrics::StatusClass>();
         check::<super::super::retry::RetryLabel>();
+        check::<ShadowLabel>();
     }
 }

@@ -52,6 +52,9 @@ pub(crate) struct Upstream {
     connector: Connector,
     endpoints: Vec<Arc<Endpoint>>,
     pub breaker: Option<Arc<Breaker>>,
+    /// The breaker runs in shadow mode: it opens and closes, but lets
+    /// requests through (reloadable, so not read from `config`).
+    breaker_shadow: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
     /// Removes this upstream's metric series when it is the last user.
     _series: crate::registry::UpstreamSeries,
@@ -201,6 +204,7 @@ impl Upstream {
             connector,
             endpoints,
             breaker,
+            breaker_shadow: std::sync::atomic::AtomicBool::new(breaker_shadow(config)),
             metrics: metrics.clone(),
             _series: series,
             _reaper: reaper,
@@ -223,6 +227,13 @@ impl Upstream {
         if let (Some(b), Some(cfg)) = (&self.breaker, &new.circuit_breaker) {
             b.set_config(breaker_config(cfg));
         }
+        self.breaker_shadow
+            .store(breaker_shadow(new), Ordering::Relaxed);
+    }
+
+    /// The breaker is in shadow mode (`circuit_breaker.mode: shadow`).
+    pub(crate) fn breaker_is_shadow(&self) -> bool {
+        self.breaker_shadow.load(Ordering::Relaxed)
     }
 
     /// Number of endpoints.
@@ -434,6 +445,13 @@ impl Drop for EndpointLoad {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+fn breaker_shadow(config: &UpstreamConfig) -> bool {
+    config
+        .circuit_breaker
+        .as_ref()
+        .is_some_and(|b| b.mode == crate::config::Mode::Shadow)
 }
 
 fn breaker_config(b: &crate::config::BreakerSettings) -> BreakerConfig {

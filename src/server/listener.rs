@@ -155,7 +155,10 @@ async fn accept_loop(
             drop(handshake);
             match accepted {
                 Ok(a) => {
-                    let info = Arc::new(ConnInfo::new(remote, true));
+                    let info = Arc::new(
+                        ConnInfo::new(remote, true)
+                            .with_identity(a.peer_identity.as_ref().map(|v| v.as_bytes())),
+                    );
                     let identity = match (tls.identity_header(), a.identity) {
                         (Some(h), Some(v)) => Some((h.clone(), v)),
                         _ => None,

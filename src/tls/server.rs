@@ -97,6 +97,9 @@ pub(crate) struct Accepted {
     pub alpn: Alpn,
     /// The verified client identity, when the listener forwards it.
     pub identity: Option<HeaderValue>,
+    /// The verified client identity, whenever a client certificate was
+    /// presented (fairness keys by identity use it).
+    pub peer_identity: Option<HeaderValue>,
 }
 
 /// Client-facing TLS of one listener.
@@ -194,14 +197,20 @@ impl TlsListener {
             Some(ALPN_HTTP11) => Alpn::Http11,
             _ => Alpn::None,
         };
-        let identity = match (&self.settings.identity_header, conn.peer_certificates()) {
-            (Some(_), Some([leaf, ..])) => identity_value(leaf),
+        let peer_identity = match conn.peer_certificates() {
+            Some([leaf, ..]) => identity_value(leaf),
             _ => None,
         };
+        let identity = self
+            .settings
+            .identity_header
+            .as_ref()
+            .and(peer_identity.clone());
         Ok(Accepted {
             stream,
             alpn,
             identity,
+            peer_identity,
         })
     }
 
