@@ -1,4 +1,5 @@
 //! Client-facing listeners.
 
+mod linger;
 pub(crate) mod listener;
 pub(crate) mod tls;
