@@ -363,3 +363,31 @@ async fn a_silent_client_after_an_early_reply_is_closed_after_the_quiet_gap() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_head_still_arriving_reads_its_408() {
+    within(60, "test", async {
+        let fake = FakeUpstream::ok().await;
+        let h = proxy(&fake, "    request_header_timeout: 300ms").await;
+        for round in 0..3 {
+            let (rd, wr) = connect(h.addr()).await;
+            let head = b"GET /slow HTTP/1.1\r\nHost: app.test\r\n".to_vec();
+            // A header line every 50 ms for 1 s: the head is not complete
+            // at 300 ms, and the client is still writing when the 408 goes out.
+            let line = b"X-Slow: still coming\r\n".to_vec();
+            let writer = spawn_writer(
+                wr,
+                head,
+                line.clone(),
+                20 * line.len(),
+                Duration::from_millis(50),
+            );
+            let reply = within(15, "the 408", read_reply(rd)).await;
+            assert_eq!(reply.status, 408, "round {round}: {reply:?}");
+            let (_wr, sent) = within(15, "the writer", writer).await.expect("writer task");
+            assert!(sent.is_ok(), "round {round}: {sent:?}");
+        }
+        assert_eq!(fake.hits(), 0);
+    })
+    .await
+}
