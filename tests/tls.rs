@@ -1028,6 +1028,75 @@ async fn broken_replacements_keep_the_old_certificate_and_are_counted() {
 // Handshake limits
 // ---------------------------------------------------------------------------
 
+/// The lingering close works on TLS streams: a client still uploading past
+/// `max_request_body` reads its 413, and its upload is drained, not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_413_reaches_a_tls_client_that_is_still_sending() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within(60, "test", async {
+        let ca = Ca::new("test CA");
+        let files = ListenerFiles::new(&ca.leaf("proxy", &["localhost"], 1), None);
+        // Reads the whole body first, so the limit is what answers.
+        let fake = FakeUpstream::with_handler(|req, _| async move {
+            match req.into_body().collect().await {
+                Ok(_) => Ok(reply::ok()),
+                Err(_) => Err(Reset),
+            }
+        })
+        .await;
+        let yaml = yaml_with(
+            &files.yaml(&[]),
+            &upstream_yaml("app", fake.addr(), ""),
+            &route_yaml(
+                "all",
+                "      path_prefix: /",
+                "app",
+                "    max_request_body: 64KiB",
+            ),
+        );
+        let h = ProxyHarness::start(&yaml).await;
+        let opts = ClientOpts::trusting(&ca);
+        for round in 0..5 {
+            let tls = tls_stream(h.addr(), &opts).await.expect("TLS connect");
+            let (mut rd, mut wr) = tokio::io::split(tls);
+            let writer = tokio::spawn(async move {
+                let res = async {
+                    wr.write_all(
+                        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    )
+                    .await?;
+                    let mut chunk = format!("{:x}\r\n", 64 * 1024).into_bytes();
+                    chunk.extend(std::iter::repeat_n(b'u', 64 * 1024));
+                    chunk.extend_from_slice(b"\r\n");
+                    for _ in 0..32 {
+                        wr.write_all(&chunk).await?;
+                    }
+                    wr.flush().await
+                }
+                .await;
+                (wr, res)
+            });
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            let end = loop {
+                match within(15, "the reply", rd.read(&mut buf)).await {
+                    Ok(0) => break "EOF".to_string(),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => break format!("error: {e}"),
+                }
+            };
+            let text = String::from_utf8_lossy(&got).to_lowercase();
+            assert!(
+                text.starts_with("http/1.1 413") && text.contains("x-spillway-reason: body_too_large"),
+                "round {round} ({end}): {text:?}"
+            );
+            let (_wr, res) = within(15, "the writer", writer).await.expect("writer task");
+            assert!(res.is_ok(), "round {round}: {res:?}");
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_are_dropped_after_the_handshake_timeout() {
     within(60, "test", async {

@@ -2,8 +2,10 @@
 //! both (`auto`), `max_connections` (accept pauses above it), EMFILE back-off,
 //! request header timeout (a request head that started to arrive must be
 //! complete in time, else 408 and close: [`HeadClock`]), keep-alive idle
-//! timeout, header size limit (431), and graceful close on drain
-//! (`Connection: close` / GOAWAY).
+//! timeout, header size limit (431), graceful close on drain
+//! (`Connection: close` / GOAWAY), and a bounded lingering close once hyper
+//! lets go of the stream (`linger.rs`), so early replies reach clients that
+//! are still sending.
 //!
 //! With `tls:` (see `crate::tls`) each accepted stream is handshaken first:
 //! bounded by `handshake_timeout`, with at most `max_handshakes` in progress
@@ -29,11 +31,12 @@ use hyper_util::server::conn::auto::Builder;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::linger;
 use crate::config::watch::FileWatch;
 use crate::config::{content_hash, ListenerConfig, ListenerProtocol, ListenerTls};
 use crate::proxy::{self, ConnInfo, Shared};
@@ -366,47 +369,76 @@ impl Activity {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The client stream, watched for the start of request heads (see
-    /// [`Activity::bytes_arrived`]). When the watcher flags a head as too
-    /// slow, the next read answers `408` and fails, which ends the connection.
-    /// Replaces hyper's `header_read_timeout` (see [`Builders::new`]).
-    struct HeadClock<S> {
-        #[pin]
-        inner: S,
-        act: Arc<Activity>,
-        first_read: bool,
-        answered: bool,
-    }
+/// The client stream, watched for the start of request heads (see
+/// [`Activity::bytes_arrived`]). When the watcher flags a head as too
+/// slow, the next read answers `408` and fails, which ends the connection.
+/// Replaces hyper's `header_read_timeout` (see [`Builders::new`]).
+///
+/// When hyper drops it, the stream goes back to the connection task through
+/// `back` for a lingering close (see `linger.rs`), unless the client had
+/// already closed its side.
+struct HeadClock<S> {
+    /// `None` only once dropped.
+    inner: Option<S>,
+    act: Arc<Activity>,
+    first_read: bool,
+    answered: bool,
+    /// A read returned EOF or failed: the client sends nothing more.
+    read_done: bool,
+    back: Option<oneshot::Sender<S>>,
 }
 
 impl<S> HeadClock<S> {
-    fn new(inner: S, act: Arc<Activity>) -> Self {
+    fn new(inner: S, act: Arc<Activity>, back: oneshot::Sender<S>) -> Self {
         HeadClock {
-            inner,
+            inner: Some(inner),
             act,
             first_read: true,
             answered: false,
+            read_done: false,
+            back: Some(back),
         }
     }
+}
+
+impl<S> Drop for HeadClock<S> {
+    fn drop(&mut self) {
+        if self.read_done {
+            return;
+        }
+        if let (Some(inner), Some(back)) = (self.inner.take(), self.back.take()) {
+            // Err: the connection task no longer waits (an upgraded
+            // connection ends after its task); the stream just closes.
+            let _ = back.send(inner);
+        }
+    }
+}
+
+fn dropped() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "client stream handed back")
 }
 
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
-impl<S: AsyncRead + AsyncWrite> AsyncRead for HeadClock<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadClock<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut this = self.project();
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(dropped()));
+        };
+        let mut inner = Pin::new(inner);
         if this.act.head_timed_out.load(Ordering::Relaxed) {
-            if !*this.answered {
-                *this.answered = true;
-                // Best effort: a client that does not read gets no 408.
-                let _ = this.inner.as_mut().poll_write(cx, REQUEST_TIMEOUT);
-                let _ = this.inner.as_mut().poll_flush(cx);
+            if !this.answered {
+                this.answered = true;
+                // Best effort: a client that does not read gets no 408. The
+                // lingering close flushes it and shuts the write side down.
+                let _ = inner.as_mut().poll_write(cx, REQUEST_TIMEOUT);
+                let _ = inner.as_mut().poll_flush(cx);
             }
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -414,28 +446,38 @@ impl<S: AsyncRead + AsyncWrite> AsyncRead for HeadClock<S> {
             )));
         }
         let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            let got = &buf.filled()[before..];
-            if !got.is_empty() {
-                if std::mem::take(this.first_read) && got.starts_with(b"PRI ") {
-                    // The HTTP/2 preface (h2c prior knowledge on `auto`).
-                    this.act.head_clock_off.store(true, Ordering::Relaxed);
+        let room = buf.remaining() > 0;
+        let res = inner.poll_read(cx, buf);
+        match &res {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty() {
+                    if std::mem::take(&mut this.first_read) && got.starts_with(b"PRI ") {
+                        // The HTTP/2 preface (h2c prior knowledge on `auto`).
+                        this.act.head_clock_off.store(true, Ordering::Relaxed);
+                    }
+                    this.act.bytes_arrived();
+                } else if room {
+                    this.read_done = true;
                 }
-                this.act.bytes_arrived();
             }
+            Poll::Ready(Err(_)) => this.read_done = true,
+            Poll::Pending => {}
         }
         res
     }
 }
 
-impl<S: AsyncWrite> AsyncWrite for HeadClock<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for HeadClock<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        match self.get_mut().inner.as_mut() {
+            Some(s) => Pin::new(s).poll_write(cx, buf),
+            None => Poll::Ready(Err(dropped())),
+        }
     }
 
     fn poll_write_vectored(
@@ -443,22 +485,31 @@ impl<S: AsyncWrite> AsyncWrite for HeadClock<S> {
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        match self.get_mut().inner.as_mut() {
+            Some(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(dropped())),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        match self.get_mut().inner.as_mut() {
+            Some(s) => Pin::new(s).poll_flush(cx),
+            None => Poll::Ready(Err(dropped())),
+        }
     }
 
     fn poll_shutdown(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        match self.get_mut().inner.as_mut() {
+            Some(s) => Pin::new(s).poll_shutdown(cx),
+            None => Poll::Ready(Err(dropped())),
+        }
     }
 }
 
@@ -480,7 +531,8 @@ impl Connection {
         if matches!(proto, Proto::Http2) {
             activity.head_clock_off.store(true, Ordering::Relaxed);
         }
-        let io = TokioIo::new(HeadClock::new(stream, activity.clone()));
+        let (back, mut returned) = oneshot::channel();
+        let io = TokioIo::new(HeadClock::new(stream, activity.clone(), back));
         let shared = self.shared.clone();
         let act = activity.clone();
         let strip = self.strip.clone();
@@ -531,6 +583,22 @@ impl Connection {
                 // Boxed: an HTTP/2 connection's state is large and only h2
                 // connections should pay for it.
                 Box::pin(watch.drive(conn, |c| c.graceful_shutdown())).await
+            }
+        }
+        // hyper has dropped the stream (the connection future is gone); it is
+        // here unless the client closed its side or the connection upgraded.
+        if let Ok(mut stream) = returned.try_recv() {
+            let shutdown = &self.shared.shutdown;
+            if shutdown.phase() < Phase::Stopped {
+                // Boxed: only a closing connection pays for the linger state.
+                let linger = Box::pin(linger::linger(&mut stream, linger::Bounds::DEFAULT));
+                tokio::select! {
+                    (ended, discarded) = linger => {
+                        tracing::trace!(?ended, discarded, "lingering close done");
+                    }
+                    // The drain timeout closes lingering connections too.
+                    _ = shutdown.reached(Phase::Stopped) => {}
+                }
             }
         }
         self.gauge.dec();

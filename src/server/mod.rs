@@ -1,3 +1,4 @@
 //! Client-facing listeners.
 
+mod linger;
 pub(crate) mod listener;
