@@ -142,7 +142,7 @@ impl Locations {
                 out.ordered.push((pos, path.clone()));
                 if !is_container {
                     if let Some(e) = owner.and_then(|o| out.entries.get_mut(o)) {
-                        e.span.end = range.end;
+                        e.span.end = past_colon(text, e.span.end.max(range.end));
                     }
                 } else if stack.len() < MAX_DEPTH {
                     match event {
@@ -177,7 +177,7 @@ impl Locations {
                     None => None,
                 };
                 if let Some(e) = owner.and_then(|o| out.entries.get_mut(o)) {
-                    e.span.end = last_end.max(e.span.end);
+                    e.span.end = past_colon(text, last_end.max(e.span.end));
                 }
             }
         }
@@ -235,6 +235,17 @@ impl Locations {
     }
 }
 
+/// An empty value (`key:` alone) ends at its key: the entry then ends past the `:`.
+fn past_colon(text: &str, end: usize) -> usize {
+    let rest = text.get(end..).unwrap_or("");
+    let trimmed = rest.trim_start_matches([' ', '\t']);
+    if trimmed.starts_with(':') {
+        end + (rest.len() - trimmed.len()) + 1
+    } else {
+        end
+    }
+}
+
 fn join_key(parent: &str, key: &str) -> String {
     if parent.is_empty() {
         key.to_string()
@@ -268,5 +279,18 @@ mod tests {
         let p = l.value("routes[0].queue.max_depth").unwrap();
         assert_eq!(p.line, 5);
         assert_eq!(l.path_at(5, 20), Some("routes[0].queue.max_wait"));
+    }
+
+    #[test]
+    fn entry_spans_cover_key_and_value() {
+        let t = "a:\n  m:\n  p: |\n    x\n  q: {r: [1, 2]}  # c\n  s: 'v'\n";
+        let l = Locations::build(t);
+        let text = |p: &str| &t[l.entry(p).expect(p).span.clone()];
+        assert_eq!(text("a.m"), "m:");
+        assert!(text("a.p").starts_with("p: |\n    x"));
+        assert_eq!(text("a.q"), "q: {r: [1, 2]}");
+        assert_eq!(text("a.q.r"), "r: [1, 2]");
+        assert_eq!(text("a.s"), "s: 'v'");
+        assert!(text("a").ends_with("s: 'v'"));
     }
 }
