@@ -854,3 +854,115 @@ fn version_flag_prints_the_version() {
         text(&out)
     );
 }
+
+// === priority, fairness and shadow mode ===
+
+fn with_route_lines(lines: &str) -> String {
+    format!("{VALID}{lines}")
+}
+
+#[test]
+fn priority_fairness_and_mode_validate_every_rule() {
+    let yaml = with_route_lines(
+        "    priority:\n      classes: [critical, default, critical]\n      default: normal\n      reserved: { gold: 20%, default: 150% }\n    fairness:\n      key: { header: x-tenant-id, client_ip: true }\n    mode: dry_run\n",
+    );
+    let all = issues(&yaml);
+    // Each issue points at the value it is about (or its key).
+    let at = |path: &str, value: &str, key: &str, needles: &[&str]| {
+        let (line, col) = pos(&yaml, value);
+        let (kline, kcol) = pos(&yaml, key);
+        let issue = all
+            .iter()
+            .find(|i| i.path == path)
+            .unwrap_or_else(|| panic!("no issue for `{path}` in:\n{}", show(&all)));
+        let here = (issue.line, issue.column);
+        assert!(
+            here == (Some(line), Some(col)) || here == (Some(kline), Some(kcol)),
+            "{issue} not at {line}:{col} or {kline}:{kcol}"
+        );
+        for n in needles {
+            assert!(issue.message.contains(n), "{issue} lacks `{n}`");
+        }
+    };
+    at(
+        "routes[0].priority.classes[2]",
+        "critical]",
+        "classes:",
+        &["duplicate class"],
+    );
+    at(
+        "routes[0].priority.default",
+        "normal",
+        "default: normal",
+        &["`normal` is not one of the classes"],
+    );
+    at(
+        "routes[0].priority.reserved.gold",
+        "20%",
+        "gold:",
+        &["not one of the classes"],
+    );
+    at(
+        "routes[0].priority.reserved.default",
+        "150%",
+        "default: 150%",
+        &["share like"],
+    );
+    at(
+        "routes[0].fairness.key",
+        "{ header",
+        "key:",
+        &["exactly one key source"],
+    );
+    at("routes[0].mode", "dry_run", "mode:", &["enforce", "shadow"]);
+}
+
+#[test]
+fn reserved_shares_must_leave_room_and_classes_are_two_to_eight() {
+    let yaml = with_route_lines(
+        "    priority:\n      classes: [a, b, c]\n      default: c\n      reserved: { a: 60%, b: 40% }\n",
+    );
+    let all = issues(&yaml);
+    assert!(
+        all.iter()
+            .any(|i| i.path == "routes[0].priority.reserved" && i.message.contains("100%")),
+        "{}",
+        show(&all)
+    );
+    let yaml = with_route_lines("    priority:\n      classes: [only]\n      default: only\n");
+    let all = issues(&yaml);
+    assert!(
+        all.iter()
+            .any(|i| i.path == "routes[0].priority.classes" && i.message.contains("2 to 8")),
+        "{}",
+        show(&all)
+    );
+}
+
+#[test]
+fn client_identity_fairness_needs_a_listener_with_client_ca() {
+    let yaml = with_route_lines("    fairness:\n      key: { client_identity: true }\n");
+    let all = issues(&yaml);
+    assert!(
+        all.iter()
+            .any(|i| i.path == "routes[0].fairness.key.client_identity"
+                && i.message.contains("client_ca")),
+        "{}",
+        show(&all)
+    );
+}
+
+#[test]
+fn overload_control_fields_load_with_their_defaults() {
+    let yaml = with_route_lines(
+        "    priority:\n      classes: [critical, default, sheddable]\n      reserved: { critical: 20% }\n    fairness:\n      key: { client_ip: true }\n    mode: shadow\n",
+    );
+    let loaded = load_str(&yaml, FILE).expect("valid");
+    let r = &loaded.config.routes[0];
+    let p = r.priority.as_ref().expect("priority");
+    assert_eq!(p.header.as_str(), "x-spillway-priority");
+    assert_eq!(p.default, 1, "a class named `default` is the default");
+    assert_eq!(p.reserved, vec![0.2, 0.0, 0.0]);
+    assert_eq!(r.fairness.as_ref().map(|f| f.max_keys), Some(1024));
+    assert_eq!(r.mode, spillway::config::Mode::Shadow);
+}

@@ -804,13 +804,12 @@ impl Admission {
             ShadowHold::Permit => self.release_locked(&mut st, ticket, &mut wakes),
             ShadowHold::Queued(slot) => match slot.take_state() {
                 SlotState::Waiting => {
-                    let t = slot.ticket();
-                    st.unqueue(t);
-                    st.count_key_released(t);
+                    st.unqueue(slot.ticket());
                     self.settle(&mut st);
                 }
                 SlotState::Granted => self.release_locked(&mut st, slot.ticket(), &mut wakes),
-                _ => st.count_key_released(slot.ticket()),
+                // Shed or displaced virtually: it held nothing any more.
+                _ => {}
             },
             ShadowHold::Nothing => {}
         }
@@ -931,7 +930,6 @@ impl Admission {
     /// A live waiter left on its own (cancelled or timed out).
     fn leave(&self, st: &mut State, ticket: Ticket) {
         st.unqueue(ticket);
-        st.count_key_released(ticket);
         self.settle(st);
     }
 
@@ -1090,6 +1088,9 @@ impl State {
         }
         if let Some(k) = self.keys.get_mut(&ticket.key) {
             k.waiting = k.waiting.saturating_sub(1);
+            if k.in_flight == 0 && k.waiting == 0 {
+                self.keys.remove(&ticket.key);
+            }
         }
     }
 
@@ -1102,8 +1103,10 @@ impl State {
 
     /// Fairness: a waiter granted (its waiting count went with `unqueue`).
     fn count_key_granted(&mut self, ticket: Ticket) {
-        if let Some(k) = self.keys.get_mut(&ticket.key) {
-            k.in_flight += 1;
+        // `unqueue` may just have forgotten the key (nothing in flight, its
+        // last waiter gone): it is tracked again while it holds this permit.
+        if self.policy.max_keys.is_some() {
+            self.keys.entry(ticket.key).or_default().in_flight += 1;
         }
     }
 
@@ -1153,7 +1156,6 @@ impl State {
             if entry.slot.is_waiting() {
                 self.unqueue(Ticket { class, key });
                 entry.slot.finish(SlotState::Displaced(reason), wakes);
-                self.count_key_released(Ticket { class, key });
                 return Some(reason);
             }
         }
@@ -2208,5 +2210,21 @@ mod tests {
         assert!(poll(&mut high).is_pending());
         drop(first);
         let _second = admitted(&mut high);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_displaced_waiter_does_not_lower_its_keys_permit_count() {
+        // Regression: displacement used to count the displaced waiter as a
+        // released permit of its key, so the busy key looked idle.
+        let adm = Admission::with_policy(limits(2, 2, 10_000), policy(&[0.0], Some(16), false));
+        let a1 = now_as(&adm, 0, 1).await;
+        let _a1b = now_as(&adm, 0, 1).await;
+        let mut a2 = queued_as(&adm, 0, 1);
+        let mut a3 = queued_as(&adm, 0, 1);
+        let mut b1 = queued_as(&adm, 0, 2);
+        assert_eq!(rejected(&mut a3), Rejected::FairShare);
+        drop(a1);
+        let _b = admitted(&mut b1);
+        assert!(poll(&mut a2).is_pending());
     }
 }

@@ -1245,6 +1245,18 @@ impl ProxyHarness {
     }
 
     /// Takes the running proxy (e.g. to await `stopped()` in another task).
+    /// Applies `yaml` as a reload (what a file change or SIGHUP does).
+    pub fn reload(&self, yaml: &str) {
+        let loaded = match spillway::config::load_str(yaml, "test.yaml") {
+            Ok(l) => l,
+            Err(e) => panic!("reload config invalid:\n{e}"),
+        };
+        let proxy = self.proxy.as_ref().expect("proxy running");
+        if let Err(e) = proxy.reload(loaded.config) {
+            panic!("reload failed: {e}");
+        }
+    }
+
     pub fn take_proxy(&mut self) -> spillway::RunningProxy {
         self.proxy.take().expect("proxy running")
     }
