@@ -19,7 +19,7 @@ use crate::config::units::format_duration;
 use crate::config::QueueDiscipline;
 use crate::error::Reason;
 use crate::metrics::{Label, StatusClass};
-use crate::proxy::outcome::TimeoutStage;
+use crate::proxy::outcome::{ShadowLabel, TimeoutStage};
 use crate::proxy::Shared;
 use crate::registry::Route;
 use crate::shutdown::{Phase, Tracker};
@@ -267,7 +267,44 @@ fn route_status(r: &Route, view: &series::View) -> serde_json::Value {
         "retry_budget_exhausted": st.budget_exhausted.get(),
         "rejections_per_s_recent": view.recent_rejections_per_s.map(round2),
         "series": series_json(view),
+        "mode": r.config.mode,
+        "classes": classes_json(r, &s),
+        "fairness_keys": r.config.fairness.as_ref().map(|_| s.keys),
+        "shadow_decisions": shadow_json(r),
     })
+}
+
+/// Per priority class: permits held, admitted and shed so far (empty
+/// without classes).
+fn classes_json(r: &Route, s: &crate::proxy::admission::AdmissionStats) -> serde_json::Value {
+    let Some(p) = &r.config.priority else {
+        return json!([]);
+    };
+    let list: Vec<serde_json::Value> = p
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let c = r.classes.get(i);
+            json!({
+                "name": name,
+                "in_flight": s.class_in_flight.get(i).copied().unwrap_or(0),
+                "admitted": c.map_or(0, |c| c.admitted.get()),
+                "shed": c.map_or(0, |c| c.shed.get()),
+            })
+        })
+        .collect();
+    json!(list)
+}
+
+/// What shadow mode would have done, by decision (only those that happened).
+fn shadow_json(r: &Route) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = ShadowLabel::ALL
+        .iter()
+        .map(|&d| (d.as_str().to_string(), json!(r.state.shadow.get(d))))
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .collect();
+    json!(map)
 }
 
 /// One array per chart, oldest sample first, one sample per
@@ -380,9 +417,44 @@ fn route_row(r: &serde_json::Value) -> String {
     } else {
         ""
     };
+    let shadow = if r["mode"].as_str() == Some("shadow") {
+        format!(
+            " <span class=\"badge b-half_open\">shadow</span> <small>would have: {}</small>",
+            counts(&r["shadow_decisions"])
+        )
+    } else {
+        String::new()
+    };
+    let classes: Vec<String> = r["classes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    format!(
+                        "{} {}/{}&#8595;",
+                        esc(c["name"].as_str().unwrap_or("")),
+                        c["in_flight"].as_u64().unwrap_or(0),
+                        c["shed"].as_u64().unwrap_or(0)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut extra = String::new();
+    if !classes.is_empty() {
+        extra.push_str(&format!(
+            "<br><small class=\"classes\">classes (in flight/shed): {}</small>",
+            classes.join(", ")
+        ));
+    }
+    if let Some(k) = r["fairness_keys"].as_u64() {
+        extra.push_str(&format!(
+            "<br><small class=\"keys\">fairness keys: {k}</small>"
+        ));
+    }
     format!(
         "<tr class=\"route\" data-route=\"{name}\" data-in-flight=\"{inf}\" data-max-in-flight=\"{cap}\" data-queue-depth=\"{depth}\" data-queue-capacity=\"{qcap}\">\
-<td class=\"name\">{name}</td><td class=\"upstream\">{upstream}</td>\
+<td class=\"name\">{name}{shadow}{extra}</td><td class=\"upstream\">{upstream}</td>\
 <td class=\"inflight\">{bar1}<span class=\"num\">{inf} / {cap}</span></td>\
 <td class=\"queue\">{bar2}<span class=\"num\">{depth} / {qcap}</span> <small>{disc} &le; {wait}</small>{lifo}</td>\
 <td class=\"peak\">{peak}</td>\
