@@ -12,6 +12,7 @@ pub mod error;
 mod metrics;
 mod proxy;
 mod registry;
+mod series;
 mod server;
 mod shutdown;
 mod tls;

@@ -26,8 +26,10 @@ use crate::config::FailureOn;
 use crate::error::Reason;
 use crate::metrics::label_enum;
 
-use super::body::BoxError;
 use super::retry::RetryCause;
+
+/// The error type of bodies on both legs, and of the errors they carry.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Which side of the proxy a failure came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,7 +7,6 @@
 //! so its pool and breaker state survive.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,12 +16,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::Histogram;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -30,6 +27,7 @@ use super::body::{RespBody, UpstreamBody};
 use super::breaker::{Breaker, BreakerConfig, BreakerState, FailureRate};
 use super::h1;
 use super::headers::Forwarded;
+pub(crate) use super::io::UpstreamIo;
 use super::outcome::{AttemptError, AttemptErrorKind, AttemptOutcome};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::metrics::{LabelCounters, Metrics};
@@ -57,7 +55,7 @@ pub(crate) struct Upstream {
     breaker_shadow: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
     /// Removes this upstream's metric series when it is the last user.
-    _series: crate::registry::UpstreamSeries,
+    _series: crate::series::UpstreamSeries,
     /// Closes the endpoints' expired idle HTTP/1.1 connections; stops with
     /// this upstream.
     _reaper: Option<h1::Reaper>,
@@ -96,12 +94,6 @@ pub(crate) struct Connector {
     tls: Option<Arc<TlsClient>>,
 }
 
-/// A connection to an upstream endpoint, plain or TLS.
-pub(crate) enum UpstreamIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
 // === impl Upstream ===
 
 impl Upstream {
@@ -109,7 +101,7 @@ impl Upstream {
     pub(crate) fn new(
         config: &UpstreamConfig,
         metrics: &Arc<Metrics>,
-        series: crate::registry::UpstreamSeries,
+        series: crate::series::UpstreamSeries,
     ) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout.0));
@@ -512,82 +504,5 @@ impl Service<Uri> for Connector {
             let _ = CONNECT_STAGE.try_with(|h| h.observe(start.elapsed().as_secs_f64()));
             res
         })
-    }
-}
-
-// === impl UpstreamIo ===
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        match self {
-            UpstreamIo::Plain(tcp) => tcp.connected(),
-            UpstreamIo::Tls(tls) => {
-                let (tcp, conn) = tls.get_ref();
-                let c = tcp.connected();
-                if conn.alpn_protocol() == Some(b"h2") {
-                    c.negotiated_h2()
-                } else {
-                    c
-                }
-            }
-        }
-    }
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
     }
 }

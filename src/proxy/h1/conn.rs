@@ -12,28 +12,13 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::decode::{decode_step, parse_head, Decode, Head, Step};
 use super::encode::{framing, push_hex, Framing};
-use super::pool::Pool;
+use super::pool::{Conn, Pool};
 use super::Io;
 use super::{Error, MAX_CHUNK_EXTENSIONS, MAX_HEAD, MAX_INFORMATIONAL, MAX_READ, READ_CHUNK};
-use crate::proxy::body::{BoxError, UpstreamBody};
-use crate::proxy::upstream::UpstreamIo;
+use crate::proxy::io::UpstreamIo;
+use crate::proxy::outcome::BoxError;
+use crate::proxy::request_body::UpstreamBody;
 
-/// An upstream connection and its read buffer, which stays with it in the
-/// pool so a request on a pooled connection allocates no buffer.
-pub(crate) struct Conn<T = UpstreamIo> {
-    pub(super) io: T,
-    pub(super) buf: BytesMut,
-}
-
-impl<T> Conn<T> {
-    /// A connection that has not carried an exchange yet.
-    pub(crate) fn new(io: T) -> Self {
-        Conn {
-            io,
-            buf: BytesMut::new(),
-        }
-    }
-}
 // === the exchange ===
 
 /// The request body still to be written, with its framing.

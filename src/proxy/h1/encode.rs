@@ -5,8 +5,8 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use http_body::Body;
 
-use crate::proxy::body::UpstreamBody;
 use crate::proxy::headers::Forwarded;
+use crate::proxy::request_body::UpstreamBody;
 
 // === request head ===
 

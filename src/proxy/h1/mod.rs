@@ -28,18 +28,19 @@ mod decode;
 mod encode;
 mod pool;
 
-pub(crate) use conn::{exchange, Conn, H1Body, Upgraded};
+pub(crate) use conn::{exchange, H1Body, Upgraded};
 pub(crate) use encode::encode_head;
-pub(crate) use pool::{Pool, Reaper};
+pub(crate) use pool::{Conn, Pool, Reaper};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::body::{BoxError, UpstreamBody};
+use super::outcome::BoxError;
+use super::request_body::UpstreamBody;
 
 /// What the client runs on: a socket in production ([`UpstreamIo`]), a
 /// scripted byte stream in tests.
 ///
-/// [`UpstreamIo`]: super::upstream::UpstreamIo
+/// [`UpstreamIo`]: super::io::UpstreamIo
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}

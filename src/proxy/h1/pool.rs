@@ -11,10 +11,26 @@ use parking_lot::Mutex;
 use tokio::io::ReadBuf;
 use tokio::time::Instant;
 
-use super::conn::Conn;
 use super::Io;
 use super::READ_CHUNK;
-use crate::proxy::upstream::UpstreamIo;
+use crate::proxy::io::UpstreamIo;
+
+/// An upstream connection and its read buffer, which stays with it in the
+/// pool so a request on a pooled connection allocates no buffer.
+pub(crate) struct Conn<T = UpstreamIo> {
+    pub(super) io: T,
+    pub(super) buf: BytesMut,
+}
+
+impl<T> Conn<T> {
+    /// A connection that has not carried an exchange yet.
+    pub(crate) fn new(io: T) -> Self {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+}
 
 // === Pool ===
 

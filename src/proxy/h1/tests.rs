@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 
 use super::script::{Ev, Script, ScriptIo};
 use super::{encode_head, exchange, Conn, Error, Pool};
-use crate::proxy::body::UpstreamBody;
+use crate::proxy::request_body::UpstreamBody;
 
 /// What one exchange produced.
 #[derive(Debug, PartialEq, Eq)]
