@@ -16,6 +16,7 @@
 //! ([`Ledger::reply`]); a request whose client leaves first is counted
 //! `client_abort` when its future is dropped.
 
+pub(crate) mod adaptive;
 pub mod admission;
 pub(crate) mod body;
 pub(crate) mod breaker;
