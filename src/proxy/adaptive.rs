@@ -73,15 +73,16 @@
 //! to two counters); the interval's trimmed mean is selected in place
 //! (linear time), amortised over at least 8 samples. No allocation.
 
-// Wired into the pipeline by the route state (registry); until then only
-// the tests use it.
-#![allow(dead_code)]
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::time::error::Elapsed;
 use tokio::time::Instant;
+
+use crate::config::AdaptiveConfig;
+use crate::proxy::outcome::AttemptError;
+use crate::registry::RouteState;
 
 /// Latencies kept per interval (the most recent ones).
 const RING: usize = 64;
@@ -110,6 +111,41 @@ pub(crate) struct Settings {
     pub initial: usize,
     /// Latency up to `tolerance` x the no-load latency is healthy (> 1).
     pub tolerance: f64,
+}
+
+/// Feeds one finished upstream attempt of `state`'s route to its adaptive
+/// limit (a no-op for a fixed cap) and applies a changed limit to admission.
+/// `started` is when the attempt began; `result` is what the per-try timeout
+/// around the call returned.
+pub(crate) fn observe<B>(
+    state: &RouteState,
+    started: Instant,
+    result: &Result<Result<http::Response<B>, AttemptError>, Elapsed>,
+) {
+    let guard = state.adaptive.load();
+    let Some(limiter) = guard.as_ref() else {
+        return;
+    };
+    match result {
+        Ok(Ok(resp)) if resp.status().is_server_error() => return,
+        Ok(Ok(_)) | Err(_) => {}
+        Ok(Err(_)) => return,
+    }
+    let now = Instant::now();
+    let in_flight = state.admission.in_flight();
+    if limiter
+        .on_sample(
+            now,
+            started,
+            now.saturating_duration_since(started),
+            in_flight,
+        )
+        .is_some()
+    {
+        // The latest limit, not the one this sample computed: two samples
+        // closing intervals at once apply in either order, the last wins.
+        state.admission.set_max_in_flight(limiter.limit());
+    }
 }
 
 /// One route's adaptive limit; shared by the route state and every request.
@@ -156,6 +192,19 @@ struct Summary {
     /// Trimmed mean latency, microseconds.
     latency: u32,
     in_flight: f64,
+}
+
+// === impl Settings ===
+
+impl From<&AdaptiveConfig> for Settings {
+    fn from(c: &AdaptiveConfig) -> Self {
+        Settings {
+            min: c.min,
+            max: c.max,
+            initial: c.initial,
+            tolerance: c.tolerance,
+        }
+    }
 }
 
 // === impl AdaptiveLimit ===

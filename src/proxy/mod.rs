@@ -551,6 +551,7 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
         armed: true,
     };
     let result = tokio::time::timeout_at(attempt_deadline, call).await;
+    adaptive::observe(ctx.state(), now, &result);
     watch.disarm();
     ctx.state()
         .hist
