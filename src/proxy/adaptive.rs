@@ -102,7 +102,7 @@ const FLAT_SHARE: f64 = 0.25;
 
 /// The `adaptive` settings of a route, as validated from config.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Settings {
+pub struct Settings {
     /// Lowest limit.
     pub min: usize,
     /// Highest limit.
@@ -149,7 +149,7 @@ pub(crate) fn observe<B>(
 }
 
 /// One route's adaptive limit; shared by the route state and every request.
-pub(crate) struct AdaptiveLimit {
+pub struct AdaptiveLimit {
     settings: Settings,
     /// The integer limit in force, readable without the lock.
     current: AtomicUsize,
@@ -211,7 +211,7 @@ impl From<&AdaptiveConfig> for Settings {
 
 impl AdaptiveLimit {
     /// A limiter at `settings.initial` (clamped to `[min, max]`).
-    pub(crate) fn new(settings: Settings, now: Instant) -> Self {
+    pub fn new(settings: Settings, now: Instant) -> Self {
         let initial = settings.initial.clamp(settings.min, settings.max.max(1));
         AdaptiveLimit {
             settings,
@@ -236,7 +236,7 @@ impl AdaptiveLimit {
     }
 
     /// The limit in force.
-    pub(crate) fn limit(&self) -> usize {
+    pub fn limit(&self) -> usize {
         self.current.load(Ordering::Relaxed)
     }
 
@@ -244,7 +244,7 @@ impl AdaptiveLimit {
     /// `now` after `latency`, with `in_flight` requests holding a permit at
     /// that point. Returns the new limit when this sample closed an interval
     /// that changed it.
-    pub(crate) fn on_sample(
+    pub fn on_sample(
         &self,
         now: Instant,
         started: Instant,
