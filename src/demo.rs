@@ -2,6 +2,10 @@
 //!
 //! The simulated upstream serves at most `capacity` requests at once, each for
 //! `service_time`; the rest wait inside it (like a real service's thread pool).
+//! With a capacity schedule (`--capacity-schedule 8@0s,16@20s,4@40s`) the
+//! capacity changes while it runs: growing admits waiting requests at once,
+//! shrinking cancels nothing and admits no one until fewer than the new
+//! capacity are being served.
 //! `GET /__stats` returns `{"peak_concurrency","current","served"}` and
 //! `POST /__fail?on=1|0` makes every request answer 503 (to trip a breaker).
 //!
@@ -41,6 +45,105 @@ pub struct SimConfig {
     pub capacity: usize,
     pub fail_rate: f64,
     pub body_bytes: usize,
+    /// Capacity changes `(after, capacity)` from the start, ascending; empty
+    /// for a fixed `capacity`.
+    pub capacity_schedule: Vec<(Duration, usize)>,
+}
+
+/// Parses `8@0s,16@20s,4@40s`: capacity 8 from the start, 16 after 20 s, 4
+/// after 40 s. Times must ascend; capacities are at least 1.
+pub fn parse_capacity_schedule(s: &str) -> Result<Vec<(Duration, usize)>, String> {
+    let mut out: Vec<(Duration, usize)> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (cap, at) = part
+            .split_once('@')
+            .ok_or_else(|| format!("`{part}`: expected CAPACITY@TIME, e.g. 8@0s"))?;
+        let cap: usize = cap
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{part}`: capacity `{cap}` is not a number"))?;
+        if cap == 0 {
+            return Err(format!("`{part}`: capacity must be at least 1"));
+        }
+        let at = config::units::parse_duration(at.trim()).map_err(|e| format!("`{part}`: {e}"))?;
+        if out.last().is_some_and(|(prev, _)| *prev >= at) {
+            return Err(format!("`{part}`: times must ascend"));
+        }
+        out.push((at, cap));
+    }
+    if out.is_empty() {
+        return Err("empty schedule: expected e.g. 8@0s,16@20s".to_string());
+    }
+    Ok(out)
+}
+
+/// A resizable count of servers. A tokio semaphore plus a debt: shrinking
+/// removes free permits at once and owes the rest, which are then withheld
+/// as busy servers finish (no one is interrupted).
+pub(crate) struct Servers {
+    sem: Semaphore,
+    state: Mutex<ServersState>,
+}
+
+struct ServersState {
+    capacity: usize,
+    /// Permits still to be withheld after a shrink.
+    debt: usize,
+}
+
+/// One request being served.
+pub(crate) struct Serving<'a> {
+    servers: &'a Servers,
+    permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl Servers {
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Servers {
+            sem: Semaphore::new(capacity),
+            state: Mutex::new(ServersState { capacity, debt: 0 }),
+        }
+    }
+
+    /// Waits for a free server.
+    pub(crate) async fn acquire(&self) -> Option<Serving<'_>> {
+        let permit = self.sem.acquire().await.ok()?;
+        Some(Serving {
+            servers: self,
+            permit: Some(permit),
+        })
+    }
+
+    /// Changes the number of servers.
+    pub(crate) fn set_capacity(&self, capacity: usize) {
+        let capacity = capacity.max(1);
+        let mut st = self.state.lock();
+        if capacity > st.capacity {
+            let mut grow = capacity - st.capacity;
+            let repaid = grow.min(st.debt);
+            st.debt -= repaid;
+            grow -= repaid;
+            self.sem.add_permits(grow);
+        } else {
+            let shrink = st.capacity - capacity;
+            let taken = self.sem.forget_permits(shrink);
+            st.debt += shrink - taken;
+        }
+        st.capacity = capacity;
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        let mut st = self.servers.state.lock();
+        if let Some(p) = self.permit.take() {
+            if st.debt > 0 {
+                st.debt -= 1;
+                p.forget();
+            }
+        }
+    }
 }
 
 /// Counters of the simulated service.
@@ -71,8 +174,20 @@ pub async fn start_upstream(bind: SocketAddr, cfg: SimConfig) -> std::io::Result
     let addr = listener.local_addr()?;
     let stats = Arc::new(SimStats::default());
     let st = stats.clone();
+    let cap = Arc::new(Servers::new(
+        cfg.capacity_schedule
+            .first()
+            .map_or(cfg.capacity, |(_, c)| *c),
+    ));
+    let schedule = cfg.capacity_schedule.clone();
+    let servers = cap.clone();
     let task = tokio::spawn(async move {
-        let cap = Arc::new(Semaphore::new(cfg.capacity.max(1)));
+        // Capacity changes run beside the accept loop, owned by it (aborted
+        // with it).
+        let mut changes = JoinSet::new();
+        if schedule.len() > 1 {
+            changes.spawn(run_schedule(servers, schedule));
+        }
         let body = Bytes::from(vec![b'x'; cfg.body_bytes]);
         let mut conns = JoinSet::new();
         loop {
@@ -105,9 +220,19 @@ pub async fn start_upstream(bind: SocketAddr, cfg: SimConfig) -> std::io::Result
     Ok(SimUpstream { addr, stats, task })
 }
 
+/// Applies a capacity schedule from now on.
+async fn run_schedule(servers: Arc<Servers>, schedule: Vec<(Duration, usize)>) {
+    let start = Instant::now();
+    for (at, capacity) in schedule.into_iter().skip(1) {
+        tokio::time::sleep_until(start + at).await;
+        servers.set_capacity(capacity);
+        tracing::info!(capacity, "simulated upstream capacity changed");
+    }
+}
+
 async fn sim_handle(
     req: Request<Incoming>,
-    cap: Arc<Semaphore>,
+    cap: Arc<Servers>,
     st: Arc<SimStats>,
     cfg: SimConfig,
     body: Bytes,
@@ -140,7 +265,7 @@ async fn sim_handle(
     let fail = st.failing.load(Ordering::Relaxed)
         || (cfg.fail_rate > 0.0 && fastrand::f64() < cfg.fail_rate);
     let resp = match cap.acquire().await {
-        Ok(_permit) => {
+        Some(_serving) => {
             if !cfg.service_time.is_zero() {
                 tokio::time::sleep(cfg.service_time).await;
             }
@@ -154,7 +279,7 @@ async fn sim_handle(
             }
             r
         }
-        Err(_) => {
+        None => {
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
             r
@@ -214,6 +339,7 @@ pub async fn run(total: Duration) -> Result<(), String> {
             capacity: 8,
             fail_rate: 0.0,
             body_bytes: 64,
+            capacity_schedule: Vec::new(),
         },
     )
     .await
@@ -395,4 +521,61 @@ fn print_row(t: u64, ph: &Phase, w: &Window, proxy: &crate::RunningProxy) {
         queue,
         answers.join(" ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls once; true if not ready.
+    fn pending<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx).is_pending()
+    }
+
+    #[test]
+    fn capacity_schedule_parses_and_rejects_nonsense() {
+        assert_eq!(
+            parse_capacity_schedule("8@0s,16@20s, 4@40s").unwrap(),
+            vec![
+                (Duration::ZERO, 8),
+                (Duration::from_secs(20), 16),
+                (Duration::from_secs(40), 4)
+            ]
+        );
+        for bad in ["", "8", "x@0s", "0@0s", "8@0s,4@0s", "8@soon"] {
+            assert!(parse_capacity_schedule(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn servers_grow_at_once_and_shrink_without_interrupting() {
+        let servers = Servers::new(2);
+        let a = servers.acquire().await.expect("open");
+        let b = servers.acquire().await.expect("open");
+        let third = servers.acquire();
+        tokio::pin!(third);
+        assert!(pending(third.as_mut()));
+        // Growing admits the waiter at once.
+        servers.set_capacity(3);
+        let c = third.await.expect("admitted by growth");
+        // Shrinking to 1 with 3 serving: nobody is interrupted, and no one
+        // new is admitted until fewer than 1 are served.
+        servers.set_capacity(1);
+        drop(a);
+        drop(b);
+        let next = servers.acquire();
+        tokio::pin!(next);
+        assert!(pending(next.as_mut()), "admitted above the new capacity");
+        drop(c);
+        let d = next.await.expect("admitted once below capacity");
+        let more = servers.acquire();
+        tokio::pin!(more);
+        assert!(pending(more.as_mut()));
+        // Growing again repays nothing owed and adds a server.
+        servers.set_capacity(2);
+        let _e = more.await.expect("admitted by growth");
+        drop(d);
+        assert_eq!(servers.sem.available_permits(), 1);
+    }
 }

@@ -28,6 +28,9 @@ pub mod bench_api {
     pub mod admission {
         pub use crate::proxy::admission::{Admission, AdmissionLimits, Discipline};
     }
+    pub mod adaptive {
+        pub use crate::proxy::adaptive::{AdaptiveLimit, Settings};
+    }
     pub mod router {
         pub use crate::proxy::router::Router;
     }

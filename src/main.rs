@@ -60,6 +60,10 @@ enum Cmd {
         /// Requests served at once; the rest wait inside the upstream.
         #[arg(long, default_value_t = 1024)]
         capacity: usize,
+        /// Capacity changing over time, e.g. `8@0s,16@20s,4@40s` (overrides
+        /// --capacity).
+        #[arg(long, value_parser = parse_schedule)]
+        capacity_schedule: Option<Schedule>,
         /// Fraction of requests answered 503 (0.0-1.0).
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
@@ -70,6 +74,14 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+}
+
+/// A parsed `--capacity-schedule` (one flag value, not a list of flags).
+#[derive(Clone, Debug)]
+struct Schedule(Vec<(Duration, usize)>);
+
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    spillway::demo::parse_capacity_schedule(s).map(Schedule)
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -96,6 +108,7 @@ fn main() -> ExitCode {
             bind,
             service_time,
             capacity,
+            capacity_schedule,
             fail_rate,
             body_bytes,
             threads,
@@ -105,6 +118,7 @@ fn main() -> ExitCode {
                 capacity,
                 fail_rate,
                 body_bytes,
+                capacity_schedule: capacity_schedule.map(|s| s.0).unwrap_or_default(),
             };
             spillway::demo::serve_upstream(bind, cfg).await
         }),

@@ -102,7 +102,7 @@ impl Metrics {
             request_duration: histogram(&r, "spillway_request_duration_seconds", "Time from arrival to the end of the response body.", &["route"]),
             stage_duration: histogram(&r, "spillway_stage_duration_seconds", "Time spent per stage: queue, connect, upstream_headers, total.", &["route", "stage"]),
             in_flight: gauge(&r, "spillway_in_flight", "Requests holding a route permit (until their response body ends).", &["route"]),
-            concurrency_limit: gauge(&r, "spillway_concurrency_limit", "The route's concurrency.max_in_flight.", &["route"]),
+            concurrency_limit: gauge(&r, "spillway_concurrency_limit", "The route's concurrency limit in force: concurrency.max_in_flight, or the adaptive limit's current value.", &["route"]),
             queue_depth: gauge(&r, "spillway_queue_depth", "Requests waiting for a route permit.", &["route"]),
             queue_depth_peak: gauge(&r, "spillway_queue_depth_peak", "Highest queue depth since start.", &["route"]),
             queue_capacity: gauge(&r, "spillway_queue_capacity", "The route's queue.max_depth.", &["route"]),

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 use prometheus::IntCounter;
 
@@ -25,6 +26,7 @@ use crate::config::Mode;
 use crate::config::{Config, QueueDiscipline, RouteConfig};
 use crate::error::Reason;
 use crate::metrics::{LabelCounters, Metrics, PairCounters, RouteHistograms, StatusClass};
+use crate::proxy::adaptive::{self, AdaptiveLimit};
 use crate::proxy::admission::{Admission, AdmissionLimits, Discipline, GlobalLimit, Policy};
 use crate::proxy::outcome::ShadowLabel;
 use crate::proxy::outcome::TimeoutStage;
@@ -38,6 +40,9 @@ use crate::series::{claim_key, release_key, remove_route_series, SeriesOwners, U
 pub(crate) struct RouteState {
     pub name: String,
     pub admission: Arc<Admission>,
+    /// With `max_in_flight: auto`: the limiter that sets `admission`'s cap.
+    /// Kept across reloads while the `adaptive` settings stay the same.
+    pub adaptive: ArcSwapOption<AdaptiveLimit>,
     pub budget: RetryBudget,
     pub hist: RouteHistograms,
     /// spillway_requests_total by (status class, reason).
@@ -164,7 +169,7 @@ impl Registry {
 
         let mut routes = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
-            let limits = admission_limits(rc);
+            let mut limits = admission_limits(rc);
             let policy = admission_policy(rc);
             let budget = BudgetConfig {
                 ratio: rc.retries.budget.ratio,
@@ -172,6 +177,10 @@ impl Registry {
             };
             let state = match inner.routes.get(&rc.name).and_then(Weak::upgrade) {
                 Some(s) => {
+                    s.update_adaptive(rc);
+                    if let Some(a) = s.adaptive.load().as_ref() {
+                        limits.max_in_flight = a.limit();
+                    }
                     s.admission.set_limits(limits);
                     s.admission.set_policy(policy);
                     s.budget.set_config(budget);
@@ -186,6 +195,7 @@ impl Registry {
                         &self.metrics,
                         &self.series,
                     ));
+                    s.update_adaptive(rc);
                     inner.routes.insert(rc.name.clone(), Arc::downgrade(&s));
                     s
                 }
@@ -326,6 +336,7 @@ impl RouteState {
         let state = RouteState {
             name: name.to_string(),
             admission: Admission::with_policy(limits, policy),
+            adaptive: ArcSwapOption::empty(),
             budget: RetryBudget::new(budget),
             hist: RouteHistograms::new(metrics, name),
             requests: PairCounters::new(),
@@ -341,6 +352,26 @@ impl RouteState {
         };
         drop(live);
         state
+    }
+
+    /// Installs, keeps or removes the adaptive limiter for `rc`. A limiter
+    /// whose settings did not change keeps its limit and what it learned; a
+    /// new one starts at `initial`. Admission (in-flight, queue) is never
+    /// replaced: a switch between a number and `auto` only moves the cap.
+    fn update_adaptive(&self, rc: &RouteConfig) {
+        let Some(cfg) = &rc.concurrency.adaptive else {
+            self.adaptive.store(None);
+            return;
+        };
+        let settings = adaptive::Settings::from(cfg);
+        let current = self.adaptive.load_full();
+        if current.as_ref().is_some_and(|a| a.settings() == settings) {
+            return;
+        }
+        self.adaptive.store(Some(Arc::new(AdaptiveLimit::new(
+            settings,
+            tokio::time::Instant::now(),
+        ))));
     }
 
     /// Counts one answered request.
@@ -504,6 +535,51 @@ mod tests {
         assert!(!Arc::ptr_eq(&s2.upstreams[0], &s3.upstreams[0]));
         assert_eq!(d3.upstreams_rebuilt, ["app"]);
         assert!(Arc::ptr_eq(&route(&s2, "c").state, &route(&s3, "c").state));
+    }
+
+    fn concurrency_config(concurrency: &str) -> Arc<Config> {
+        let yaml = format!(
+            "version: 1\nlisteners:\n  - name: inbound\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\nupstreams:\n  app:\n    endpoints: [\"127.0.0.1:1\"]\nroutes:\n  - name: r\n    upstream: app\n    concurrency:\n{concurrency}"
+        );
+        Arc::new(
+            crate::config::load_str(&yaml, "t.yaml")
+                .expect("valid")
+                .config,
+        )
+    }
+
+    #[test]
+    fn adaptive_limit_survives_reloads_and_switches_keep_admission() {
+        let m = Arc::new(Metrics::new());
+        let reg = Registry::new(m.clone(), 100);
+        let fixed = "      max_in_flight: 4\n";
+        let auto = "      max_in_flight: auto\n      adaptive:\n        initial: 6\n";
+        let (s1, _) = reg.build(concurrency_config(fixed), 1, None).unwrap();
+        let state = route(&s1, "r").state.clone();
+        assert!(state.adaptive.load().is_none());
+        assert_eq!(state.admission.stats().max_in_flight, 4);
+        let held = state.admission.clone();
+
+        let (s2, _) = reg.build(concurrency_config(auto), 2, Some(&s1)).unwrap();
+        let same = &route(&s2, "r").state;
+        assert!(Arc::ptr_eq(&held, &same.admission), "admission replaced");
+        let limiter = same.adaptive.load_full().expect("limiter installed");
+        assert_eq!(same.admission.stats().max_in_flight, 6);
+        // The limiter moved the cap; a reload with the same settings keeps
+        // both the limiter and the cap it set.
+        same.admission.set_max_in_flight(9);
+        let (s3, _) = reg.build(concurrency_config(auto), 3, Some(&s2)).unwrap();
+        let kept = route(&s3, "r").state.adaptive.load_full().expect("limiter");
+        assert!(Arc::ptr_eq(&limiter, &kept), "limiter rebuilt");
+        assert_eq!(held.stats().max_in_flight, limiter.limit());
+
+        let (s4, _) = reg.build(concurrency_config(fixed), 4, Some(&s3)).unwrap();
+        assert!(route(&s4, "r").state.adaptive.load().is_none());
+        assert_eq!(held.stats().max_in_flight, 4);
+        route(&s4, "r").state.publish_gauges();
+        assert!(m
+            .render()
+            .contains("spillway_concurrency_limit{route=\"r\"} 4"));
     }
 
     #[test]

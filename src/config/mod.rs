@@ -277,9 +277,43 @@ pub enum FairKey {
     ClientIdentity,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// A route's concurrency cap: fixed, or adaptive (`max_in_flight: auto`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct ConcurrencyConfig {
+    /// The fixed cap; with `adaptive`, the limit it starts at (`initial`).
     pub max_in_flight: usize,
+    /// Set with `max_in_flight: auto`: the limit follows the upstream.
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+/// The bounds and sensitivity of an adaptive limit.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct AdaptiveConfig {
+    /// Lowest limit.
+    pub min: usize,
+    /// Highest limit.
+    pub max: usize,
+    /// Limit at start.
+    pub initial: usize,
+    /// Latency up to `tolerance` x the no-load latency is healthy.
+    pub tolerance: f64,
+}
+
+/// Written back as it was configured: `max_in_flight: auto` with its
+/// `adaptive` block, or the number.
+impl Serialize for ConcurrencyConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match &self.adaptive {
+            Some(a) => {
+                m.serialize_entry("max_in_flight", "auto")?;
+                m.serialize_entry("adaptive", a)?;
+            }
+            None => m.serialize_entry("max_in_flight", &self.max_in_flight)?,
+        }
+        m.end()
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]

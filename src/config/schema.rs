@@ -201,7 +201,25 @@ pub(crate) struct RawMatch {
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConcurrency {
-    pub max_in_flight: Option<u64>,
+    /// A number, or `auto` for the adaptive limit.
+    pub max_in_flight: Option<RawMaxInFlight>,
+    pub adaptive: Option<RawAdaptive>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub(crate) enum RawMaxInFlight {
+    Count(u64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdaptive {
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+    pub initial: Option<u64>,
+    pub tolerance: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]

@@ -770,6 +770,85 @@ impl Validator<'_> {
 
     // === routes ===
 
+    /// `concurrency`: a fixed `max_in_flight`, or `auto` with `adaptive`
+    /// bounds (`1 <= min <= initial <= max`, `tolerance > 1`). An `adaptive`
+    /// block is an error where `max_in_flight` is a number; one in
+    /// `defaults` applies only to routes that say `auto`.
+    fn concurrency(&mut self, i: usize, r: &RawRoute, d: &RawRoute) -> ConcurrencyConfig {
+        let (raw, pth) = pick(
+            i,
+            r,
+            d,
+            |x| x.concurrency.as_ref()?.max_in_flight.clone(),
+            "concurrency.max_in_flight",
+        );
+        let (adaptive, a_path) = pick(
+            i,
+            r,
+            d,
+            |x| x.concurrency.as_ref()?.adaptive.clone(),
+            "concurrency.adaptive",
+        );
+        let fixed = match raw {
+            Some(RawMaxInFlight::Word(w)) if w == "auto" => None,
+            Some(RawMaxInFlight::Word(w)) => {
+                self.error(&pth, format!("expected a number or `auto`, found `{w}`"));
+                Some(1024)
+            }
+            Some(RawMaxInFlight::Count(n)) => Some(self.positive(&pth, Some(n), 1024)),
+            None => Some(1024),
+        };
+        if let Some(max_in_flight) = fixed {
+            // `adaptive` in `defaults` serves the routes that say `auto`; one
+            // written next to a number (or in a route without `auto`) is wrong.
+            if adaptive.is_some() && (a_path.starts_with("routes") || pth.starts_with("defaults")) {
+                self.error(
+                    &a_path,
+                    "`adaptive` applies only with `max_in_flight: auto`",
+                );
+            }
+            return ConcurrencyConfig {
+                max_in_flight,
+                adaptive: None,
+            };
+        }
+        let a = adaptive.unwrap_or_default();
+        let min = self.positive(&format!("{a_path}.min"), a.min, 1);
+        let max = self.positive(&format!("{a_path}.max"), a.max, 1024);
+        let initial = self.positive(
+            &format!("{a_path}.initial"),
+            a.initial,
+            16.clamp(min, max.max(min)),
+        );
+        if min > max {
+            self.error(
+                &format!("{a_path}.min"),
+                format!("min ({min}) must not exceed max ({max})"),
+            );
+        } else if !(min..=max).contains(&initial) {
+            self.error(
+                &format!("{a_path}.initial"),
+                format!("initial ({initial}) must be between min ({min}) and max ({max})"),
+            );
+        }
+        let tolerance = a.tolerance.unwrap_or(2.0);
+        if !(tolerance > 1.0 && tolerance.is_finite()) {
+            self.error(
+                &format!("{a_path}.tolerance"),
+                format!("tolerance ({tolerance}) must be greater than 1, e.g. 2.0"),
+            );
+        }
+        ConcurrencyConfig {
+            max_in_flight: initial,
+            adaptive: Some(AdaptiveConfig {
+                min,
+                max,
+                initial,
+                tolerance,
+            }),
+        }
+    }
+
     fn route(
         &mut self,
         i: usize,
@@ -808,14 +887,7 @@ impl Validator<'_> {
             }
         };
 
-        let (max_in_flight, pth) = pick(
-            i,
-            r,
-            d,
-            |x| x.concurrency.as_ref()?.max_in_flight,
-            "concurrency.max_in_flight",
-        );
-        let max_in_flight = self.positive(&pth, max_in_flight, 1024);
+        let concurrency = self.concurrency(i, r, d);
 
         let (max_depth, _) = pick(i, r, d, |x| x.queue.as_ref()?.max_depth, "queue.max_depth");
         let max_depth = max_depth.unwrap_or(1024).min(1 << 24) as usize;
@@ -930,7 +1002,7 @@ impl Validator<'_> {
             name,
             matcher,
             upstream,
-            concurrency: ConcurrencyConfig { max_in_flight },
+            concurrency,
             queue: QueueConfig {
                 max_depth,
                 max_wait,

@@ -502,6 +502,27 @@ impl Admission {
         wakes.wake_all();
     }
 
+    /// Changes only `max_in_flight` (the adaptive limit), with the same
+    /// effect as [`Admission::set_limits`]: raising admits waiters at once,
+    /// lowering revokes no permit. Also returns nothing to await: cheap enough
+    /// to call whenever the limit moves.
+    pub(crate) fn set_max_in_flight(&self, max_in_flight: usize) {
+        let mut wakes = WakeList::new();
+        let mut st = self.state.lock();
+        let max_in_flight = max_in_flight.clamp(1, COUNT);
+        st.limits.max_in_flight = max_in_flight;
+        self.publish(&st);
+        self.admit_waiters(&mut st, Instant::now(), &mut wakes);
+        drop(st);
+        wakes.wake_all();
+    }
+
+    /// Requests holding an (enforced, or in shadow mode virtual) permit now:
+    /// one atomic load, no lock.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.word.load(Ordering::Acquire) & COUNT
+    }
+
     /// The limits in force.
     #[cfg(test)]
     pub(crate) fn limits(&self) -> AdmissionLimits {

@@ -16,6 +16,7 @@
 //! ([`Ledger::reply`]); a request whose client leaves first is counted
 //! `client_abort` when its future is dropped.
 
+pub(crate) mod adaptive;
 pub mod admission;
 pub(crate) mod body;
 pub(crate) mod breaker;
@@ -641,6 +642,12 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
     };
     let result = tokio::time::timeout_at(attempt_deadline, call).await;
     watch.disarm();
+    // A timeout while the body waited for the client says nothing about the
+    // upstream's latency: no sample.
+    let client_stalled = result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
+    if !client_stalled {
+        adaptive::observe(ctx.state(), now, &result);
+    }
     ctx.state()
         .hist
         .upstream_headers
@@ -654,8 +661,7 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
         Err(_elapsed) => Ended::TimedOut,
     };
     Ok(Attempt {
-        client_stalled: matches!(ended, Ended::TimedOut)
-            && prep.client_wait.as_ref().is_some_and(|w| w.waiting()),
+        client_stalled,
         ended,
         ep,
         ticket,
