@@ -343,6 +343,60 @@ async fn non_idempotent_requests_are_never_sent_twice() {
 }
 
 #[tokio::test]
+async fn connections_reset_with_requests_at_the_upstream_retry_only_safe_ones() {
+    let _serial = SERIAL.lock().await;
+    let up = FakeUpstream::builder()
+        .delay(Duration::from_millis(500))
+        .start()
+        .await;
+    let relay = ChaosRelay::start(up.addr()).await;
+    let h = ProxyHarness::start(&config(
+        relay.addr(),
+        1000,
+        NO_POOL,
+        "    retries:\n      max_attempts: 2\n      on: [reset]\n      backoff: { base: 1ms, max: 5ms }\n      budget: { ratio: 1.0, min_per_second: 100 }\n",
+    ))
+    .await;
+    let base = Baseline::take(&h).await;
+    let client = h1_client();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (client, url) = (client.clone(), h.url("/slow"));
+        let (method, id) = if i % 2 == 0 {
+            ("GET", format!("get-{i}"))
+        } else {
+            ("POST", format!("post-{i}"))
+        };
+        tasks.push(tokio::spawn(async move {
+            let seen = send_with_id(&client, method, url, &id, None).await;
+            (id, seen)
+        }));
+    }
+    // All eight are at the upstream, waiting for their response.
+    up.wait_until("8 requests at the upstream", |u| u.current() == 8)
+        .await;
+    relay.reset_all();
+    for t in tasks {
+        let (id, (status, reason)) = within(30, "a client", t).await.expect("client task");
+        if id.starts_with("post") {
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{id}");
+            assert_eq!(reason.as_deref(), Some("upstream_reset"), "{id}");
+            assert_eq!(up.hits_for_request_id(&id), 1, "{id} was sent twice");
+        } else {
+            assert_eq!(status, StatusCode::OK, "{id}: {reason:?}");
+            assert_eq!(up.hits_for_request_id(&id), 2, "{id}: not retried once");
+        }
+    }
+    assert_eq!(
+        metric(&h, "spillway_retries_total", &[("route", "all")]).await,
+        4.0
+    );
+    drop(client);
+    base.settle(&h, &[&relay]).await;
+    up.assert_healthy();
+}
+
+#[tokio::test]
 async fn pooled_connections_reset_by_the_network_are_never_a_failure() {
     let _serial = SERIAL.lock().await;
     let up = FakeUpstream::ok().await;
