@@ -11,6 +11,8 @@
 //! * Body generators and verifiers that never hold large bodies in memory.
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
