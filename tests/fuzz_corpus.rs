@@ -12,8 +12,17 @@ use std::path::{Path, PathBuf};
 
 use spillway::fuzz_api;
 
-/// Mutated inputs per target.
+/// Mutated inputs per target; `FUZZ_MUTATIONS` sets another count (a longer
+/// pass on stable: `FUZZ_MUTATIONS=200000 cargo test --release --test
+/// fuzz_corpus`).
 const MUTATIONS: usize = 2_000;
+
+fn mutations() -> usize {
+    std::env::var("FUZZ_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MUTATIONS)
+}
 /// Longest mutated input (the fuzz script's default `-max_len` is larger;
 /// this keeps the pass quick in debug builds).
 const MAX_LEN: usize = 8 * 1024;
@@ -124,7 +133,7 @@ fn mutate(rng: &mut Rng, seeds: &[(String, Vec<u8>)]) -> Vec<u8> {
     v
 }
 
-/// Every seed of `target`, then [`MUTATIONS`] mutated inputs, through `f`.
+/// Every seed of `target`, then [`mutations`] mutated inputs, through `f`.
 fn pass(target: &str, seed: u64, f: fn(&[u8])) {
     let seeds = seeds(target);
     for (name, data) in &seeds {
@@ -132,7 +141,7 @@ fn pass(target: &str, seed: u64, f: fn(&[u8])) {
         assert!(r.is_ok(), "{target}: seed {name} failed");
     }
     let mut rng = Rng(seed);
-    for i in 0..MUTATIONS {
+    for i in 0..mutations() {
         let input = mutate(&mut rng, &seeds);
         let r = std::panic::catch_unwind(|| f(&input));
         assert!(
