@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{encode_head, exchange, Conn, Pool};
-use crate::proxy::body::UpstreamBody;
+use super::{encode_head, exchange, Conn, Pool, UpstreamBody};
+use crate::proxy::headers::Forwarded;
 
 /// An upstream whose whole answer is known up front.
 struct MemIo {
@@ -214,4 +214,22 @@ pub(crate) fn response(data: &[u8]) {
             );
         }
     }
+}
+
+/// The request head the client writes for `method` and `target` with
+/// these headers and forwarding headers, and a buffered body (or none).
+pub(crate) fn request_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    fwd: &Forwarded,
+    body: Option<Bytes>,
+) -> BytesMut {
+    encode_head(
+        method,
+        target,
+        headers,
+        Some(fwd),
+        &UpstreamBody::Replay(body),
+    )
 }
