@@ -9,6 +9,8 @@ mod app;
 pub mod config;
 pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_api;
 mod metrics;
 mod proxy;
 mod registry;

@@ -33,26 +33,26 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         }
         return;
     }
-    // Headers named by Connection are hop-by-hop too. Collect names first: the
-    // map cannot be mutated while borrowed. Only allocates when Connection lists
-    // something other than the usual tokens.
-    if let Some(conn) = h.get(header::CONNECTION) {
-        let listed: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|t| {
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case("close")
-                    && !t.eq_ignore_ascii_case("keep-alive")
-                    && (!upgrade || !t.eq_ignore_ascii_case("upgrade"))
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in listed {
-            h.remove(&name);
-        }
+    // Headers named by Connection are hop-by-hop too, in every Connection
+    // header (it may repeat) and read as bytes (one token that is not UTF-8
+    // must not hide the others). Collect names first: the map cannot be
+    // mutated while borrowed. Only allocates when Connection lists something
+    // other than the usual tokens.
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+                && (!upgrade || !t.eq_ignore_ascii_case(b"upgrade"))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .collect();
+    for name in listed {
+        h.remove(&name);
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -228,6 +228,25 @@ mod tests {
         }
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn every_connection_header_names_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("upgrade"));
+        h.append("connection", HeaderValue::from_static("x-one"));
+        h.append(
+            "connection",
+            HeaderValue::from_bytes(b"x-two, caf\xc3\xa9").unwrap(),
+        );
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(!h.contains_key("x-one"), "named in the second Connection");
+        assert!(!h.contains_key("x-two"), "named next to a non-UTF-8 token");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
     }
 
     #[test]

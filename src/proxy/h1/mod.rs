@@ -26,6 +26,8 @@
 mod conn;
 mod decode;
 mod encode;
+/// The client over an in-memory stream, for the fuzz targets.
+pub(crate) mod fuzz;
 mod pool;
 
 pub(crate) use conn::{exchange, H1Body, Upgraded};
