@@ -54,6 +54,11 @@ pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Hea
         match httparse::ParserConfig::default()
             .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)
         {
+            // The bound holds however the head arrived: in small reads
+            // (checked by the caller while it is incomplete) or in one.
+            Ok(httparse::Status::Complete(n)) if n > super::MAX_HEAD => {
+                return Err("upstream response head too large".into())
+            }
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(format!("invalid upstream response head: {e}")),

@@ -389,6 +389,13 @@ async fn oversized_heads_are_errors() {
     // Never terminated: the limit, not the end of the head, must stop it.
     let (got, _) = run(vec![Ev::Data(raw.into())], get()).await;
     assert!(got.unwrap_err().contains("too large"));
+    // Regression: a complete head over the limit that arrives in one read
+    // used to pass (the bound was only checked while the head was partial).
+    let mut raw = b"HTTP/1.1 200 OK\r\nx-filler: ".to_vec();
+    raw.resize(super::MAX_HEAD + 100, b'a');
+    raw.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+    let (got, _) = run(vec![Ev::Data(raw.into())], get()).await;
+    assert!(got.unwrap_err().contains("too large"));
     let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
     for i in 0..super::MAX_HEADERS + 1 {
         raw.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
