@@ -146,17 +146,30 @@ async fn reserved_share_and_highest_class_first() {
     );
 }
 
-#[tokio::test]
-async fn a_full_queue_sheds_the_lowest_class_first() {
+/// A route with one permit, one queue place and the three classes, whose
+/// one permit is taken by a request held at the upstream.
+async fn one_slot_held() -> (
+    Gate,
+    FakeUpstream,
+    ProxyHarness,
+    mpsc::UnboundedSender<(String, Seen)>,
+    mpsc::UnboundedReceiver<(String, Seen)>,
+) {
     let gate = Gate::new();
     let up = gated(&gate).await;
     let extra = format!(
         "    concurrency:\n      max_in_flight: 1\n    queue:\n      max_depth: 1\n      max_wait: 20s\n    timeouts:\n      request: 30s\n{CLASSES}"
     );
     let h = ProxyHarness::start(&yaml(up.addr(), &extra)).await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     spawn_req(&h, "/hold", &[], &tx);
     up.wait_hits(1).await;
+    (gate, up, h, tx, rx)
+}
+
+#[tokio::test]
+async fn a_full_queue_sheds_the_lowest_class_first() {
+    let (gate, up, h, tx, mut rx) = one_slot_held().await;
     spawn_req(&h, "/batch", &[("x-spillway-priority", "sheddable")], &tx);
     queued(&h, 1.0).await;
     // Critical displaces the sheddable waiter.
@@ -204,15 +217,7 @@ async fn a_full_queue_sheds_the_lowest_class_first() {
 
 #[tokio::test]
 async fn a_displaced_grpc_request_gets_resource_exhausted() {
-    let gate = Gate::new();
-    let up = gated(&gate).await;
-    let extra = format!(
-        "    concurrency:\n      max_in_flight: 1\n    queue:\n      max_depth: 1\n      max_wait: 20s\n    timeouts:\n      request: 30s\n{CLASSES}"
-    );
-    let h = ProxyHarness::start(&yaml(up.addr(), &extra)).await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    spawn_req(&h, "/hold", &[], &tx);
-    up.wait_hits(1).await;
+    let (gate, _up, h, tx, mut rx) = one_slot_held().await;
     spawn_req(
         &h,
         "/svc.Batch/Run",
