@@ -98,6 +98,7 @@ pub(crate) struct Serving<'a> {
 }
 
 impl Servers {
+    /// Starts with `capacity` free servers (at least one).
     pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Servers {

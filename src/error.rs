@@ -102,6 +102,7 @@ pub(crate) struct ProxyError {
 }
 
 impl ProxyError {
+    /// A reply for `reason`, no `Retry-After`, shed status 429 (see [`ProxyError::shed`]).
     pub(crate) fn new(reason: Reason) -> Self {
         ProxyError {
             reason,
@@ -110,11 +111,13 @@ impl ProxyError {
         }
     }
 
+    /// Sets the `Retry-After` to send (e.g. a breaker's time left open).
     pub(crate) fn retry_after(mut self, d: Duration) -> Self {
         self.retry_after = Some(d);
         self
     }
 
+    /// A shed reply with the route's `shed.status` and `shed.retry_after`.
     pub(crate) fn shed(reason: Reason, status: u16, retry_after: Duration) -> Self {
         ProxyError {
             reason,

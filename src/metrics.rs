@@ -246,6 +246,7 @@ pub(crate) struct LabelCounters<L: Label> {
 }
 
 impl<L: Label> LabelCounters<L> {
+    /// Starts with no counter resolved: each is created on its first increment.
     pub(crate) fn new() -> Self {
         LabelCounters {
             slots: Slots::new(L::ALL.len()),
@@ -280,6 +281,7 @@ pub(crate) struct PairCounters<A: Label, B: Label> {
 }
 
 impl<A: Label, B: Label> PairCounters<A, B> {
+    /// Starts with no counter resolved: each pair's is created on its first increment.
     pub(crate) fn new() -> Self {
         PairCounters {
             slots: Slots::new(A::ALL.len() * B::ALL.len()),
@@ -326,6 +328,7 @@ pub(crate) struct RouteHistograms {
 }
 
 impl RouteHistograms {
+    /// Resolves the histograms of `route` once, so the data path does no label lookups.
     pub(crate) fn new(m: &Metrics, route: &str) -> Self {
         RouteHistograms {
             duration: m.request_duration.with_label_values(&[route]),

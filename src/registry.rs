@@ -121,6 +121,7 @@ pub(crate) struct Diff {
 // === impl Registry ===
 
 impl Registry {
+    /// Starts with no route or upstream state; `max_in_flight` is `limits.max_in_flight`.
     pub(crate) fn new(metrics: Arc<Metrics>, max_in_flight: usize) -> Self {
         Registry {
             metrics,
@@ -303,6 +304,7 @@ fn class_counters(m: &Metrics, rc: &RouteConfig) -> Vec<ClassCounters> {
         .collect()
 }
 
+/// A route's admission limits from `concurrency:` and `queue:`, with fixed CoDel timings.
 pub(crate) fn admission_limits(rc: &RouteConfig) -> AdmissionLimits {
     AdmissionLimits {
         max_in_flight: rc.concurrency.max_in_flight,

@@ -82,6 +82,7 @@ pub(crate) struct UpstreamSeries {
 }
 
 impl UpstreamSeries {
+    /// Claims the series of upstream `uc`: its breaker's, if it has one, and one per endpoint.
     pub(crate) fn claim(
         owners: &Arc<SeriesOwners>,
         metrics: &Arc<Metrics>,

@@ -46,6 +46,7 @@ impl Drop for PhaseWaker {
 }
 
 impl Shutdown {
+    /// Starts in `Running`, with no wakers registered.
     pub(crate) fn new() -> Arc<Self> {
         let (tx, _) = watch::channel(Phase::Running);
         Arc::new(Shutdown {
@@ -107,11 +108,13 @@ pub(crate) struct Tracker {
 pub(crate) struct Tracked(Arc<Tracker>);
 
 impl Tracker {
+    /// Counts one more live connection until the returned guard is dropped.
     pub(crate) fn track(self: &Arc<Self>) -> Tracked {
         self.count.fetch_add(1, Ordering::AcqRel);
         Tracked(self.clone())
     }
 
+    /// Live connections (or other tracked work) right now.
     pub(crate) fn count(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }

@@ -46,6 +46,7 @@ pub struct SourceInfo {
     pub hash: String,
 }
 
+/// What a listener speaks (`listeners[].protocol`): HTTP/1.1, h2c, or both on one port.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
@@ -54,6 +55,7 @@ pub enum ListenerProtocol {
     Auto,
 }
 
+/// The `listeners[]` entry as validated: where clients connect and the per-connection bounds.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
@@ -66,6 +68,7 @@ pub struct ListenerConfig {
     pub max_header_bytes: Size,
 }
 
+/// A listener's `tls:` block as validated; with `client_ca`, client certificates are verified.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ListenerTls {
     pub cert: PathBuf,
@@ -82,28 +85,33 @@ pub struct ListenerTls {
     pub forward_client_identity_header: Option<HeaderName>,
 }
 
+/// The `admin:` section as validated: where `/metrics`, `/ready` and the other admin pages are.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
 }
 
+/// The `runtime:` section as validated; read once at start, so a change needs a restart.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RuntimeConfig {
     /// `None` = auto (CPUs this process may use, cgroup quota respected).
     pub worker_threads: Option<usize>,
 }
 
+/// The `limits:` section as validated: the cap over all routes (`global_limit` beyond it).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct LimitsConfig {
     pub max_in_flight: usize,
 }
 
+/// The `drain:` section as validated: `/ready` fails for `grace`, then in-flight gets `timeout`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct DrainConfig {
     pub grace: Dur,
     pub timeout: Dur,
 }
 
+/// What an upstream speaks (`upstreams.<name>.protocol`): HTTP/1.1, or HTTP/2 (h2c or ALPN).
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
@@ -111,6 +119,7 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
+/// The `upstreams.<name>` entry as validated: endpoints, TLS, pooling and the optional breaker.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -123,6 +132,7 @@ pub struct UpstreamConfig {
     pub circuit_breaker: Option<BreakerSettings>,
 }
 
+/// An upstream's `tls:` block as validated: server name, trust roots, optional client certificate.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct UpstreamTls {
     pub server_name: Option<String>,
@@ -132,12 +142,14 @@ pub struct UpstreamTls {
     pub client_key: Option<PathBuf>,
 }
 
+/// An upstream's `pool:` block as validated: how many idle connections are kept, and how long.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct PoolConfig {
     pub max_idle_per_endpoint: usize,
     pub idle_timeout: Dur,
 }
 
+/// An upstream's `circuit_breaker:` block as validated: when it opens, how it probes, if it acts.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct BreakerSettings {
     pub failure_threshold: u32,
@@ -148,6 +160,7 @@ pub struct BreakerSettings {
     pub mode: Mode,
 }
 
+/// A breaker's `failure_rate:` block as validated: also opens at a failure ratio of `threshold`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct FailureRateSettings {
     pub threshold: f64,
@@ -164,6 +177,7 @@ pub struct FailureOn {
     pub status_5xx: bool,
 }
 
+/// The `routes[]` entry as validated, `defaults:` merged in: matching, admission, retries, replies.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RouteConfig {
     pub name: String,
@@ -182,6 +196,7 @@ pub struct RouteConfig {
     pub mode: Mode,
 }
 
+/// A route's `match:` block as validated; every given condition must hold for the route to match.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct MatchConfig {
     pub path: PathMatch,
@@ -192,6 +207,7 @@ pub struct MatchConfig {
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
+/// Which `match.path_*` condition a route uses; `Any` when none is given.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum PathMatch {
@@ -316,6 +332,7 @@ impl Serialize for ConcurrencyConfig {
     }
 }
 
+/// Order in which a route's queue hands out freed slots (`queue.discipline`).
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueDiscipline {
@@ -323,6 +340,7 @@ pub enum QueueDiscipline {
     AdaptiveLifo,
 }
 
+/// A route's `queue:` block as validated: how many requests may wait beyond the cap, how long.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct QueueConfig {
     pub max_depth: usize,
@@ -330,6 +348,7 @@ pub struct QueueConfig {
     pub discipline: QueueDiscipline,
 }
 
+/// A route's `timeouts:` block as validated: whole exchange, each attempt, gap between chunks.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct TimeoutsConfig {
     pub request: Dur,
@@ -337,6 +356,7 @@ pub struct TimeoutsConfig {
     pub response_body_idle: Dur,
 }
 
+/// A route's `retries:` block as validated: how often, on what, with what backoff and budget.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct RetriesConfig {
     pub max_attempts: u32,
@@ -357,24 +377,28 @@ pub struct RetryOnConfig {
     pub statuses: Vec<u16>,
 }
 
+/// The `retries.backoff:` block as validated: bounds of the exponential backoff with full jitter.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct BackoffConfig {
     pub base: Dur,
     pub max: Dur,
 }
 
+/// The `retries.budget:` block as validated: retries at most `ratio` x requests plus a floor.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct BudgetSettings {
     pub ratio: f64,
     pub min_per_second: u32,
 }
 
+/// A route's `shed:` block as validated: status and `Retry-After` of queue and global-limit sheds.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ShedConfig {
     pub status: u16,
     pub retry_after: Dur,
 }
 
+/// A route's `fallback:` block as validated: the reply sent instead of shed and `breaker_open`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct FallbackConfig {
     pub status: u16,

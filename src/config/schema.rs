@@ -32,6 +32,7 @@ pub(crate) struct RawConfig {
     pub defaults: Option<RawRoute>,
 }
 
+/// A `listeners[]` entry as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawListener {
@@ -45,6 +46,7 @@ pub(crate) struct RawListener {
     pub max_header_bytes: Option<Size>,
 }
 
+/// A listener's `tls:` block as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawListenerTls {
@@ -56,12 +58,14 @@ pub(crate) struct RawListenerTls {
     pub forward_client_identity_header: Option<String>,
 }
 
+/// The `admin:` section as written.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdmin {
     pub bind: Option<String>,
 }
 
+/// The `runtime:` section as written.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRuntime {
@@ -69,6 +73,7 @@ pub(crate) struct RawRuntime {
     pub worker_threads: Option<RawThreads>,
 }
 
+/// `runtime.worker_threads` as written: a count, or a word (only `auto` is valid).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum RawThreads {
@@ -76,12 +81,14 @@ pub(crate) enum RawThreads {
     Word(String),
 }
 
+/// The `limits:` section as written.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLimits {
     pub max_in_flight: Option<u64>,
 }
 
+/// The `drain:` section as written.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDrain {
@@ -89,6 +96,7 @@ pub(crate) struct RawDrain {
     pub timeout: Option<Dur>,
 }
 
+/// An `upstreams.<name>` entry as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstream {
@@ -100,6 +108,7 @@ pub(crate) struct RawUpstream {
     pub circuit_breaker: Option<RawBreaker>,
 }
 
+/// An upstream's `tls:` block as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstreamTls {
@@ -109,6 +118,7 @@ pub(crate) struct RawUpstreamTls {
     pub client_key: Option<String>,
 }
 
+/// An upstream's `pool:` block as written.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPool {
@@ -116,6 +126,7 @@ pub(crate) struct RawPool {
     pub idle_timeout: Option<Dur>,
 }
 
+/// An upstream's `circuit_breaker:` block as written; validation checks `failure_on` and `mode`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBreaker {
@@ -127,6 +138,7 @@ pub(crate) struct RawBreaker {
     pub mode: Option<String>,
 }
 
+/// A breaker's `failure_rate:` block as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFailureRate {
@@ -155,6 +167,7 @@ pub(crate) struct RawRoute {
     pub mode: Option<String>,
 }
 
+/// A route's `priority:` block as written; `reserved` maps class names to shares.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPriority {
@@ -172,6 +185,7 @@ pub(crate) enum RawShare {
     Text(String),
 }
 
+/// A route's `fairness:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFairness {
@@ -179,6 +193,7 @@ pub(crate) struct RawFairness {
     pub max_keys: Option<u64>,
 }
 
+/// `fairness.key` as written; validation requires exactly one of its fields.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFairKey {
@@ -187,6 +202,7 @@ pub(crate) struct RawFairKey {
     pub client_identity: Option<bool>,
 }
 
+/// A route's `match:` block as written; validation allows at most one `path_*` field.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMatch {
@@ -198,6 +214,7 @@ pub(crate) struct RawMatch {
     pub headers: Option<BTreeMap<String, String>>,
 }
 
+/// A route's `concurrency:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConcurrency {
@@ -206,6 +223,7 @@ pub(crate) struct RawConcurrency {
     pub adaptive: Option<RawAdaptive>,
 }
 
+/// `concurrency.max_in_flight` as written: a count, or a word (only `auto` is valid).
 #[derive(Debug, Deserialize, Clone)]
 #[serde(untagged)]
 pub(crate) enum RawMaxInFlight {
@@ -213,6 +231,7 @@ pub(crate) enum RawMaxInFlight {
     Word(String),
 }
 
+/// `concurrency.adaptive:` as written; only meaningful with `max_in_flight: auto`.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdaptive {
@@ -222,6 +241,7 @@ pub(crate) struct RawAdaptive {
     pub tolerance: Option<f64>,
 }
 
+/// A route's `queue:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawQueue {
@@ -239,6 +259,7 @@ pub(crate) struct RawTimeouts {
     pub response_body_idle: Option<Dur>,
 }
 
+/// A route's `retries:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRetries {
@@ -258,6 +279,7 @@ pub(crate) enum RawRetryOn {
     Word(String),
 }
 
+/// The `retries.backoff:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBackoff {
@@ -265,6 +287,7 @@ pub(crate) struct RawBackoff {
     pub max: Option<Dur>,
 }
 
+/// The `retries.budget:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBudget {
@@ -272,6 +295,7 @@ pub(crate) struct RawBudget {
     pub min_per_second: Option<u64>,
 }
 
+/// A route's `shed:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawShed {
@@ -279,6 +303,7 @@ pub(crate) struct RawShed {
     pub retry_after: Option<Dur>,
 }
 
+/// A route's `fallback:` block as written.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFallback {

@@ -102,6 +102,7 @@ fn keep_regexes(config: &Config) {
     }
 }
 
+/// Parses and validates `text` from `file`: the config with its warnings, or every problem.
 pub(super) fn load(text: &str, file: &str) -> Result<Loaded, ConfigError> {
     let mut v = Validator {
         file: file.to_string(),

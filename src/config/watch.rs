@@ -90,6 +90,7 @@ impl FileWatch {
     /// Watches `paths`, reporting content changes after `debounce`. Cannot
     /// fail: without notify it polls. Must be called within a tokio runtime.
     // The config watch knows its baseline; TLS certificate rotation will use this.
+    /// Every file's baseline starts unknown: the first look takes it as it is.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn spawn(paths: Vec<PathBuf>, debounce: Duration) -> FileWatch {
         let unknown = vec![None; paths.len()];

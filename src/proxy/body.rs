@@ -159,10 +159,12 @@ impl Drop for UpstreamResponse {
 }
 
 impl ProxyBody {
+    /// A body with no bytes (an empty local reply, or the response to an upgrade).
     pub(crate) fn empty() -> Self {
         ProxyBody { kind: Kind::Empty }
     }
 
+    /// A body of exactly `b` (a local reply's bytes).
     pub(crate) fn full(b: Bytes) -> Self {
         ProxyBody {
             kind: Kind::Full(Some(b)),

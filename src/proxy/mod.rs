@@ -84,6 +84,7 @@ pub(crate) struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// A fresh connection from `remote`: its address, whether it is TLS, no client identity yet.
     pub(crate) fn new(remote: SocketAddr, https: bool) -> Self {
         ConnInfo {
             remote_ip: headers::ip_header_value(remote.ip()),
@@ -100,6 +101,7 @@ impl ConnInfo {
 }
 
 impl Shared {
+    /// The data path's shared state, starting at `snapshot`, with no tunnels and no requests seen.
     pub(crate) fn new(snapshot: Snapshot, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>) -> Self {
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),

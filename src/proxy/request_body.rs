@@ -33,6 +33,7 @@ pub(crate) struct IdleTimer {
 }
 
 impl IdleTimer {
+    /// An unarmed timer: nothing is allocated until a poll has to wait.
     pub(crate) fn new(idle: Duration) -> Self {
         IdleTimer {
             idle,
@@ -89,6 +90,7 @@ impl ClientWait {
 }
 
 impl RequestBody {
+    /// Wraps the client's body: more than `limit` bytes, or a gap longer than `idle`, is an error.
     pub(crate) fn new(inner: Incoming, limit: u64, idle: Duration) -> Self {
         RequestBody {
             inner,

@@ -428,6 +428,7 @@ impl Upstream {
 }
 
 impl EndpointLoad {
+    /// The endpoint as configured (`host:port`), also its metric label value.
     pub(crate) fn label(&self) -> &str {
         &self.0.label
     }

@@ -3,6 +3,7 @@
 use super::*;
 
 impl Validator<'_> {
+    /// Validates `listeners[]`: names unique, binds parsed, TLS files readable, defaults filled.
     pub(super) fn listeners(&mut self, raw: &[RawListener]) -> Vec<ListenerConfig> {
         let mut out = Vec::new();
         let mut names = HashSet::new();

@@ -87,6 +87,7 @@ impl Validator<'_> {
         }
     }
 
+    /// Validates `routes[i]` merged with `defaults:` `d`; records problems, builds a route anyway.
     pub(super) fn route(
         &mut self,
         i: usize,
@@ -297,6 +298,7 @@ impl Validator<'_> {
         }
     }
 
+    /// Validates a route's `match:` block at path `p`; no block matches every request.
     pub(super) fn matcher(&mut self, p: &str, m: Option<&RawMatch>) -> MatchConfig {
         let Some(m) = m else {
             return MatchConfig {
@@ -392,6 +394,7 @@ impl Validator<'_> {
         }
     }
 
+    /// Validates `routes[i].retries`, each field from the route or else from `defaults:`.
     pub(super) fn retries(&mut self, i: usize, r: &RawRoute, d: &RawRoute) -> RetriesConfig {
         let (max_attempts, pth) = pick(
             i,
@@ -542,6 +545,7 @@ impl Validator<'_> {
         }
     }
 
+    /// Validates a `fallback:` block at path `p`: status (default 200), headers and body.
     pub(super) fn fallback(&mut self, p: &str, f: &RawFallback) -> FallbackConfig {
         let status = match f.status {
             None => 200,

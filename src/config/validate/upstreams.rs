@@ -3,6 +3,7 @@
 use super::*;
 
 impl Validator<'_> {
+    /// Validates `upstreams.<name>`, filling defaults; records problems, builds a value anyway.
     pub(super) fn upstream(&mut self, name: &str, u: &RawUpstream) -> UpstreamConfig {
         let p = format!("upstreams.{name}");
         if !valid_name(name) {
@@ -65,6 +66,7 @@ impl Validator<'_> {
         }
     }
 
+    /// Validates a `circuit_breaker:` block at path `p`, filling defaults.
     pub(super) fn breaker(&mut self, p: &str, b: &RawBreaker) -> BreakerSettings {
         let failure_rate = b.failure_rate.as_ref().map(|r| {
             if !(r.threshold > 0.0 && r.threshold <= 1.0) {

@@ -10,6 +10,7 @@ use super::{MAX_CHUNK_LINE, MAX_HEADERS, MAX_TRAILERS};
 
 // === response head ===
 
+/// A parsed response head: status, headers, body delimiting, whether the connection is reusable.
 pub(super) struct Head {
     pub(super) status: StatusCode,
     pub(super) headers: HeaderMap,
@@ -18,6 +19,7 @@ pub(super) struct Head {
 }
 
 impl Head {
+    /// The head as an HTTP/1.1 `Response` carrying `body`.
     pub(super) fn into_response<B>(self, body: B) -> Response<B> {
         let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
@@ -36,6 +38,7 @@ pub(super) enum Decode {
     Eof,
 }
 
+/// Where a chunked body decoder is: size line, chunk data left, the CRLF after it, trailers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Chunk {
     Size,

@@ -19,6 +19,7 @@ pub(super) enum Framing {
     Chunked,
 }
 
+/// How `body` is framed: its known length, chunked when the length is unknown, or none.
 pub(super) fn framing(body: &UpstreamBody) -> Framing {
     match body {
         UpstreamBody::Empty | UpstreamBody::Replay(None) => Framing::None,
@@ -97,6 +98,7 @@ fn push_decimal(out: &mut BytesMut, mut n: u64) {
     }
     out.extend_from_slice(&digits[i..]);
 }
+/// Appends `n` in lower-case hex without allocating: a chunk's size line.
 pub(super) fn push_hex(out: &mut BytesMut, mut n: usize) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();

@@ -58,6 +58,7 @@ const BUFFERED_IDLE: usize = 16;
 const KEEP_BUFFER: usize = READ_CHUNK;
 
 impl<T: Io> Pool<T> {
+    /// An empty pool keeping at most `max_idle` connections, each for at most `idle_timeout`.
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Pool {
             idle: Mutex::new(VecDeque::new()),
