@@ -958,8 +958,11 @@ async fn two_hundred_reloads_under_load() {
             spillway::reload_file(&node.proxy, &path).await,
             "reload {i} failed"
         );
+        // A bound on the test's run time, not a speed check: the reload
+        // thread runs at nice 19 and yields to everything else, so on a
+        // loaded 2-core machine a reload can wait far longer than its work.
         assert!(
-            start.elapsed() < Duration::from_secs(120),
+            start.elapsed() < Duration::from_secs(300),
             "reloads too slow: {i} in {:?}",
             start.elapsed()
         );
