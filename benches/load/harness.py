@@ -814,7 +814,8 @@ def start_prio_proxy(target, part, up_port):
     else:
         admin = free_port()
         conf = render("spillway-priority.yaml", f"{target}.yaml", PORT=port, ADMIN_PORT=admin,
-                      UPSTREAM=up, POLICY=spillway_policy("shadow" if target == "spillway-shadow" else part))
+                      UPSTREAM=up, POLICY=spillway_policy("shadow" if target == "spillway-shadow"
+                                             else "priority" if part == "shadow" else part))
         argv = [SPILLWAY, "run", "--config", conf]
     err = check_config(target, argv)
     if err:
@@ -994,7 +995,7 @@ def prio_case(kind, part, target, rnd, notes):
 def priority():
     kind = upstream_kind("overload")
     entry = {"scenario": "priority", "upstream": kind, "rounds": ROUNDS, "duration": PRIO_DURATION,
-             "reserved": PRIO_RESERVED, "parts": {}, "capacity": [], "notes": [],
+             "reserved": PRIO_RESERVED, "cal_duration": CAL_DURATION, "parts": {}, "capacity": [], "notes": [],
              "start_load": loadavg()}
     global START_LOAD
     START_LOAD = entry["start_load"]
@@ -1030,7 +1031,7 @@ def render_priority(entry):
     out = [f"## Priority, fairness and shadow mode: upstream capacity {CAPACITY} x {SERVICE_MS} ms = "
            f"{cap_nominal:.0f} req/s nominal ({time.strftime('%Y-%m-%d %H:%M')})", "",
            machine_description(f"`{entry['upstream']}` --capacity {CAPACITY} --service-time {SERVICE_MS}ms"),
-           f"- measured upstream capacity (oha -c {2 * CAPACITY} closed loop straight at it, {CAL_DURATION} s): "
+           f"- measured upstream capacity (oha -c {2 * CAPACITY} closed loop straight at it, {entry.get('cal_duration', CAL_DURATION)} s): "
            + fmt(caps) + " req/s",
            f"- limits: 8 at the upstream, queue 16, 200 ms max wait. Spillway `max_in_flight: 8`, "
            f"`queue: {{max_depth: 16, max_wait: 200ms}}`; priority `classes: [critical, default, sheddable]`, "
@@ -1099,7 +1100,10 @@ def render_priority(entry):
         rows = []
         shed_kinds = ["queue_full", "priority", "fair_share", "global_limit"]
         for rnd in sorted({r["round"] for r in res}):
-            e = [r for r in res if r["round"] == rnd and r["target"] == "spillway"]
+            # the enforcing run back to back, else the priority part's run of the same round
+            e = [r for r in res if r["round"] == rnd and r["target"] == "spillway"] or [
+                r for r in entry["parts"].get("priority", {}).get("results", [])
+                if r["round"] == rnd and r["target"] == "spillway"]
             s = [r for r in res if r["round"] == rnd and r["target"] == "spillway-shadow"]
             if not e or not s:
                 continue
