@@ -1,5 +1,6 @@
-//! Admission controller cost: the uncontended fast path, and two threads
-//! contending for the same route.
+//! Admission controller cost: the uncontended fast path (plain, and with
+//! priority classes and fairness configured), and two threads contending for
+//! the same route.
 
 use std::future::Future;
 use std::hint::black_box;
@@ -9,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use spillway::bench_api::admission::{Admission, AdmissionLimits, Discipline};
+use spillway::bench_api::admission::{Admission, AdmissionLimits, Discipline, Policy, Ticket};
 // tokio's Instant: `.clippy.toml` forbids std's; outside a paused runtime it
 // is the same clock.
 use tokio::time::Instant;
@@ -83,5 +84,61 @@ fn contended(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, uncontended, contended);
+/// Acquire + release with a free permit on a route with priority classes
+/// and/or fairness configured. Priority keeps the lock-free path (one more
+/// threshold and a per-class count); fairness takes the route's lock on every
+/// acquire and release to track the key.
+fn uncontended_policy(c: &mut Criterion) {
+    // 3 classes [critical, default, sheddable] with `reserved: {critical: 25%}`.
+    let classes = vec![0.25, 0.0, 0.0];
+    let cases = [
+        (
+            "priority",
+            Policy {
+                reserved: classes.clone(),
+                ..Policy::default()
+            },
+        ),
+        (
+            "fairness",
+            Policy {
+                max_keys: Some(1024),
+                ..Policy::default()
+            },
+        ),
+        (
+            "priority_fairness",
+            Policy {
+                reserved: classes,
+                max_keys: Some(1024),
+                shadow: false,
+            },
+        ),
+    ];
+    for (name, policy) in cases {
+        let fair = policy.max_keys.is_some();
+        let adm = Admission::with_policy(limits(64), policy);
+        // The lowest class (the one the reserved share applies to) and, with
+        // fairness, one caller's key hash.
+        let ticket = Ticket {
+            class: if name == "fairness" { 0 } else { 2 },
+            key: if fair { 0x9e37_79b9_7f4a_7c15 } else { 0 },
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        c.bench_function(
+            &format!("admission/uncontended_acquire_release_{name}"),
+            |b| {
+                b.iter(|| {
+                    let fut = pin!(adm.acquire_as(black_box(ticket), black_box(None)));
+                    match fut.poll(&mut cx) {
+                        Poll::Ready(Ok(admitted)) => drop(black_box(admitted)),
+                        _ => unreachable!("a permit is free"),
+                    }
+                })
+            },
+        );
+    }
+}
+
+criterion_group!(benches, uncontended, uncontended_policy, contended);
 criterion_main!(benches);

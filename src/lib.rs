@@ -28,7 +28,7 @@ pub use app::{
 #[doc(hidden)]
 pub mod bench_api {
     pub mod admission {
-        pub use crate::proxy::admission::{Admission, AdmissionLimits, Discipline};
+        pub use crate::proxy::admission::{Admission, AdmissionLimits, Discipline, Policy, Ticket};
     }
     pub mod adaptive {
         pub use crate::proxy::adaptive::{AdaptiveLimit, Settings};

@@ -7,7 +7,7 @@ APP_CPU, drives them from GEN_CPU with wrk / oha, reads CPU time and RSS from
 starts is in its own session and is killed (by its own pid / process group) on
 exit, including on Ctrl-C. Only 127.0.0.1 is ever contacted.
 
-usage: harness.py core|overload|all      (run.sh is the entry point)
+usage: harness.py core|overload|priority|all      (run.sh is the entry point)
        harness.py render /tmp/spillway-load-*/raw.json   (re-print tables of a past run)
 Environment: see README.md (ROUNDS, DURATION, UPSTREAM, TARGETS, GEN_CPU,
 APP_CPU, SPILLWAY_BIN, OHA_BIN, KEEP_WORK).
@@ -369,10 +369,10 @@ def wrk(port, conns, duration):
     return r
 
 
-def oha(port, extra, duration):
+def oha(port, extra, duration, name="oha"):
     if not (OHA and os.access(OHA, os.X_OK)):
         raise RuntimeError("oha is not installed (cargo install oha --locked)")
-    rc, out = run_bounded("oha", [OHA, "--no-tui", "--output-format", "json", "--worker-threads", "1",
+    rc, out = run_bounded(name, [OHA, "--no-tui", "--output-format", "json", "--worker-threads", "1",
                                   "-z", f"{duration}s"] + extra + [f"http://127.0.0.1:{port}/"],
                           GEN_CPU, duration + 60)
     if rc != 0:
@@ -758,6 +758,378 @@ def render_overload(res, notes, kind, targets):
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- scenario: priority, fairness, shadow
+
+# Open loop at 4x capacity, split between classes (priority, shadow) or callers
+# (fairness); one oha process per stream, all pinned to GEN_CPU, each with its
+# own header. Rates are req/s; conns bound each oha's outstanding requests.
+PRIO_DURATION = int(os.environ.get("PRIO_DURATION", "20"))
+CAL_DURATION = int(os.environ.get("CAL_DURATION", "10"))
+PRIO_RESERVED = os.environ.get("PRIO_RESERVED", "25%")
+PRIO_PARTS = os.environ.get("PRIO_PARTS", "priority,fairness,shadow").split(",")
+PRIO_TARGETS = ["haproxy", "nginx", "spillway"]
+PRIO_STREAMS = {
+    # name, rate, header, oha -c
+    "priority": [("critical", 320, "x-spillway-priority: critical", 64),
+                 ("sheddable", 1280, "x-spillway-priority: sheddable", 256)],
+    "fairness": [("tenant A", 1600, "x-tenant-id: a", 320),
+                 ("tenant B", 80, "x-tenant-id: b", 32)],
+}
+PRIO_STREAMS["shadow"] = PRIO_STREAMS["priority"]
+
+
+def spillway_policy(part):
+    prio = ("    priority:\n"
+            "      classes: [critical, default, sheddable]\n"
+            "      default: default\n"
+            f"      reserved: {{critical: {PRIO_RESERVED}}}")
+    if part == "priority":
+        return prio
+    if part == "shadow":
+        return prio + "\n    mode: shadow"
+    if part == "fairness":
+        return "    fairness:\n      key: {header: x-tenant-id}"
+    raise RuntimeError(part)
+
+
+HAPROXY_RULES = {
+    "priority": ("    http-request set-priority-class int(-1) if { req.hdr(x-spillway-priority) -m str critical }\n"
+                 "    http-request set-priority-class int(1) if { req.hdr(x-spillway-priority) -m str sheddable }"),
+    "fairness": "    # no per-caller fairness in HAProxy",
+}
+
+
+def start_prio_proxy(target, part, up_port):
+    port = free_port()
+    up = f"127.0.0.1:{up_port}"
+    admin = None
+    if target == "nginx":
+        nginx_prepare("nginx-overload")
+        conf = render("nginx-overload.conf", "nginx-overload.conf", PORT=port, UPSTREAM=up)
+        argv = nginx_argv(conf)
+    elif target == "haproxy":
+        conf = render("haproxy-priority.cfg", f"haproxy-{part}.cfg", PORT=port, UPSTREAM=up,
+                      RULES=HAPROXY_RULES[part])
+        argv = ["haproxy", "-db", "-f", conf]
+    else:
+        admin = free_port()
+        conf = render("spillway-priority.yaml", f"{target}.yaml", PORT=port, ADMIN_PORT=admin,
+                      UPSTREAM=up, POLICY=spillway_policy("shadow" if target == "spillway-shadow"
+                                             else "priority" if part == "shadow" else part))
+        argv = [SPILLWAY, "run", "--config", conf]
+    err = check_config(target, argv)
+    if err:
+        raise RuntimeError(f"{target} config rejected: {err}")
+    os.environ["SPILLWAY_LOG"] = os.environ.get("SPILLWAY_LOG", "warn")
+    p = start(target, argv, APP_CPU)
+    wait_ready(port, p, want_200=False)
+    return p, port, admin
+
+
+def parse_metrics(admin):
+    """{(name, frozenset(labels)): value} from Spillway's /metrics."""
+    out = {}
+    try:
+        st, body = http_get(admin, "/metrics")
+    except (OSError, urllib.error.URLError):
+        return out
+    for line in body.decode(errors="replace").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{([^}]*)\})?\s+(\S+)$", line)
+        if not m:
+            continue
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        try:
+            out[(m.group(1), labels)] = float(m.group(4))
+        except ValueError:
+            pass
+    return out
+
+
+def msum(metrics, name, **want):
+    """Sum of a metric's series whose labels match (a label may list values)."""
+    total = 0.0
+    for (n, labels), v in metrics.items():
+        if n != name:
+            continue
+        d = dict(labels)
+        if all(d.get(k) in (vs if isinstance(vs, (list, tuple)) else [vs]) for k, vs in want.items()):
+            total += v
+    return total
+
+
+def by_label(metrics, name, label):
+    out = {}
+    for (n, labels), v in metrics.items():
+        if n == name:
+            k = dict(labels).get(label, "")
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+class MetricsSampler:
+    """Peaks of Spillway's gauges during a run (one /metrics read per second)."""
+
+    def __init__(self, admin):
+        self.admin, self.peaks = admin, {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(1.0):
+            m = parse_metrics(self.admin)
+            for (n, labels), v in m.items():
+                if n in ("spillway_in_flight", "spillway_queue_depth", "spillway_priority_in_flight",
+                         "spillway_fairness_keys"):
+                    k = n + "".join(f",{a}={b}" for a, b in sorted(labels) if a not in ("route",))
+                    self.peaks[k] = max(self.peaks.get(k, 0), v)
+
+    def __enter__(self):
+        if self.admin:
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.admin:
+            self._t.join()
+
+
+def stream_summary(o):
+    codes = o["statusCodeDistribution"]
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    rej = {k: v for k, v in codes.items() if not k.startswith("2")}
+    errs = {k: v for k, v in o["errorDistribution"].items() if "deadline" not in k}
+    sent = sum(codes.values()) + sum(errs.values())
+    sp = o.get("latencyPercentilesSuccessful") or {}
+    np_ = o.get("latencyPercentilesNotSuccessful") or {}
+
+    def ms(d, k, present):
+        return d[k] * 1e3 if present and d.get(k) is not None else None
+    return {"sent": sent, "ok": ok, "success": ok / sent if sent else None,
+            "goodput": ok / o["summary"]["total"], "answered_per_s": sent / o["summary"]["total"],
+            "ok_p50_ms": ms(sp, "p50", ok), "ok_p99_ms": ms(sp, "p99", ok),
+            "rej_p99_ms": ms(np_, "p99", rej), "statuses": codes, "errors": errs}
+
+
+def run_streams(port, streams, duration):
+    results, failures = {}, []
+
+    def one(name, rate, header, conns):
+        try:
+            o = oha(port, ["-q", str(rate), "--latency-correction", "-c", str(conns),
+                           "--stats-success-breakdown", "-H", header], duration,
+                    name="oha-" + name.replace(" ", "-"))
+            results[name] = stream_summary(o)
+        except (RuntimeError, ValueError, KeyError) as e:
+            failures.append(f"{name}: {e}")
+    threads = [threading.Thread(target=one, args=s) for s in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    return results
+
+
+def calibrate(kind):
+    """The simulated upstream's real capacity: closed loop straight at it, kept saturated."""
+    up = None
+    try:
+        up, up_port = start_upstream(kind, overload=True)
+        o = oha(up_port, ["-c", str(2 * CAPACITY)], CAL_DURATION, name="oha-calibrate")
+        codes = o["statusCodeDistribution"]
+        return sum(v for k, v in codes.items() if k.startswith("2")) / o["summary"]["total"]
+    finally:
+        stop(up)
+
+
+def prio_case(kind, part, target, rnd, notes):
+    say(f"== {part} round {rnd + 1}/{ROUNDS} {target} (upstream: {kind})")
+    up = proxy = None
+    try:
+        up, up_port = start_upstream(kind, overload=True)
+        proxy, port, admin = start_prio_proxy(target, part, up_port)
+        before = parse_metrics(admin) if admin else {}
+        load_before = loadavg()[0]
+        with MetricsSampler(admin) as ms, RssSampler(proxy.pid) as rs:
+            streams = run_streams(port, PRIO_STREAMS[part], PRIO_DURATION)
+        after = parse_metrics(admin) if admin else {}
+        r = {"round": rnd, "target": target, "loadavg": load_before, "streams": streams,
+             "goodput": sum(s["goodput"] for s in streams.values()),
+             "upstream": upstream_stats(up_port), "rss_peak_kib": rs.peak, "peaks": ms.peaks}
+        if admin:
+            def delta(name, label):
+                a, b = by_label(after, name, label), by_label(before, name, label)
+                return {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0)}
+            r["rejections"] = delta("spillway_rejections_total", "reason")
+            r["shadow"] = delta("spillway_shadow_decisions_total", "decision")
+            pr = {}
+            for (n, labels), v in after.items():
+                if n == "spillway_priority_requests_total":
+                    d = dict(labels)
+                    k = f"{d.get('class')}/{d.get('outcome')}"
+                    pr[k] = v - before.get((n, labels), 0)
+            r["priority_requests"] = pr
+            r["queue_depth_peak"] = msum(after, "spillway_queue_depth_peak")
+        say(f"   goodput {r['goodput']:.0f}/s; " + "; ".join(
+            f"{n}: ok {s['success']:.1%} p50 {s['ok_p50_ms']} p99 {s['ok_p99_ms']} rej p99 {s['rej_p99_ms']} "
+            f"{s['statuses']} {s['errors']}" for n, s in streams.items())
+            + (f"; rejections {r.get('rejections')} shadow {r.get('shadow')} peaks {ms.peaks}" if admin else "")
+            + f"; upstream {r['upstream']}")
+        for n, s in streams.items():
+            if s["errors"]:
+                notes.append(f"{part} round {rnd + 1} {target} {n}: client errors {s['errors']}")
+        return r
+    except RuntimeError as e:
+        say(f"   FAILED: {e}")
+        notes.append(f"{part} round {rnd + 1} {target}: {e}")
+        return None
+    finally:
+        stop(proxy)
+        stop(up)
+
+
+def priority():
+    kind = upstream_kind("overload")
+    entry = {"scenario": "priority", "upstream": kind, "rounds": ROUNDS, "duration": PRIO_DURATION,
+             "reserved": PRIO_RESERVED, "cal_duration": CAL_DURATION, "parts": {}, "capacity": [], "notes": [],
+             "start_load": loadavg()}
+    global START_LOAD
+    START_LOAD = entry["start_load"]
+    targets = [t for t in os.environ.get("TARGETS", ",".join(PRIO_TARGETS)).split(",") if t in PRIO_TARGETS]
+    for rnd in range(ROUNDS):
+        try:
+            cap = calibrate(kind)
+            entry["capacity"].append(cap)
+            say(f"== calibration round {rnd + 1}: upstream serves {cap:.0f} req/s")
+        except RuntimeError as e:
+            entry["capacity"].append(None)
+            entry["notes"].append(f"calibration round {rnd + 1}: {e}")
+    for part in PRIO_PARTS:
+        load = {"before": loadavg()}
+        res = []
+        for rnd in range(ROUNDS):
+            order = ["spillway", "spillway-shadow"] if part == "shadow" else targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+            for t in order:
+                r = prio_case(kind, part, t, rnd, entry["notes"])
+                if r:
+                    res.append(r)
+        load["after"] = loadavg()
+        entry["parts"][part] = {"results": res, "load": load}
+    LOG.append(entry)
+    return render_priority(entry)
+
+
+def render_priority(entry):
+    cap_nominal = CAPACITY * 1000 / SERVICE_MS
+    caps = entry["capacity"]
+    cap = med(caps) or cap_nominal
+    dur = entry["duration"]
+    out = [f"## Priority, fairness and shadow mode: upstream capacity {CAPACITY} x {SERVICE_MS} ms = "
+           f"{cap_nominal:.0f} req/s nominal ({time.strftime('%Y-%m-%d %H:%M')})", "",
+           machine_description(f"`{entry['upstream']}` --capacity {CAPACITY} --service-time {SERVICE_MS}ms"),
+           f"- measured upstream capacity (oha -c {2 * CAPACITY} closed loop straight at it, {entry.get('cal_duration', CAL_DURATION)} s): "
+           + fmt(caps) + " req/s",
+           f"- limits: 8 at the upstream, queue 16, 200 ms max wait. Spillway `max_in_flight: 8`, "
+           f"`queue: {{max_depth: 16, max_wait: 200ms}}`; priority `classes: [critical, default, sheddable]`, "
+           f"`reserved: {{critical: {entry['reserved']}}}`; fairness `key: {{header: x-tenant-id}}`. HAProxy "
+           "`maxconn 8`, `timeout queue 200ms`, deny at queue 16, `set-priority-class` critical -1 / sheddable 1 "
+           "(priority part only). nginx `max_conns=8` (no queue, no priority, no fairness: 502 when 8 are busy)",
+           f"- load: one open-loop oha per stream (`-q RATE --latency-correction`), all at once, {dur} s; "
+           "success = 2xx / requests answered; latencies of 2xx and of everything else "
+           "(`--stats-success-breakdown`)", ""]
+
+    def stream_rows(res, targets, names):
+        rows = []
+        for t in targets:
+            rs = [r for r in res if r["target"] == t]
+            for n in names:
+                ss = [r["streams"][n] for r in rs if n in r["streams"]]
+                if not ss:
+                    rows.append([t, n] + ["failed"] * 6)
+                    continue
+                codes = {}
+                for s in ss:
+                    for k, v in s["statuses"].items():
+                        if not k.startswith("2"):
+                            codes[k] = codes.get(k, 0) + v
+                codes_s = ", ".join(f"{k}: {v / len(ss) / dur:,.0f}" for k, v in sorted(codes.items())) or "—"
+                errs = sum(sum(s["errors"].values()) for s in ss) / len(ss)
+                rows.append([t, n, fmt([s["answered_per_s"] for s in ss]),
+                             fmt([s["success"] * 100 for s in ss], "{:.2f}", "%"),
+                             fmt([s["ok_p50_ms"] for s in ss], "{:.1f}"),
+                             fmt([s["ok_p99_ms"] for s in ss], "{:.1f}"),
+                             fmt([s["rej_p99_ms"] for s in ss], "{:.2f}"),
+                             codes_s + (f"; socket errors {errs:,.0f}/run" if errs else "")])
+            rows.append([t, "**all**", "", "", "", "", "",
+                         "goodput " + fmt([r["goodput"] for r in rs]) + " 2xx/s = "
+                         + fmt([r["goodput"] / cap_nominal * 100 for r in rs], "{:.0f}", "%") + " of nominal, "
+                         + fmt([r["goodput"] / caps[r["round"]] * 100 for r in rs if r["round"] < len(caps) and caps[r["round"]]],
+                               "{:.1f}", "%") + " of measured capacity; upstream peak "
+                         + str(max([(r["upstream"] or {}).get("peak_concurrency", 0) for r in rs] or [0]))])
+        return rows
+
+    hdr = ["target", "stream", "answered req/s", "success", "2xx p50 ms", "2xx p99 ms", "reject p99 ms",
+           "rejected/s by status"]
+    for part, title in (("priority", "Priority at 4x: 20% critical (320 req/s), 80% sheddable (1,280 req/s)"),
+                        ("fairness", "Fairness: tenant A 1,600 req/s (4x), tenant B 80 req/s (0.2x)")):
+        p = entry["parts"].get(part)
+        if not p:
+            continue
+        res = p["results"]
+        targets = [t for t in PRIO_TARGETS if any(r["target"] == t for r in res)]
+        names = [s[0] for s in PRIO_STREAMS[part]]
+        out += [f"### {title}", "",
+                f"load average (1/5/15 min) before: {' '.join(p['load']['before'])}, after: "
+                f"{' '.join(p['load']['after'])}", "",
+                table(hdr, stream_rows(res, targets, names)), ""]
+        sp = [r for r in res if r["target"] == "spillway"]
+        if sp:
+            out += ["Spillway's own counters per run (median): rejections by reason "
+                    + ", ".join(f"{k} {med([r['rejections'].get(k, 0) for r in sp]):,.0f}"
+                                for k in sorted({k for r in sp for k in r["rejections"]}))
+                    + "; peaks sampled each second: "
+                    + ", ".join(f"{k} {med([r['peaks'].get(k, 0) for r in sp]):.0f}"
+                                for k in sorted({k for r in sp for k in r["peaks"]})), ""]
+    p = entry["parts"].get("shadow")
+    if p:
+        res = p["results"]
+        rows = []
+        shed_kinds = ["queue_full", "priority", "fair_share", "global_limit"]
+        for rnd in sorted({r["round"] for r in res}):
+            # the enforcing run back to back, else the priority part's run of the same round
+            e = [r for r in res if r["round"] == rnd and r["target"] == "spillway"] or [
+                r for r in entry["parts"].get("priority", {}).get("results", [])
+                if r["round"] == rnd and r["target"] == "spillway"]
+            s = [r for r in res if r["round"] == rnd and r["target"] == "spillway-shadow"]
+            if not e or not s:
+                continue
+            e, s = e[0], s[0]
+            enforced = sum(e["rejections"].values())
+            would = sum(v for k, v in s["shadow"].items() if k in shed_kinds)
+            e_sent = sum(x["sent"] for x in e["streams"].values())
+            s_sent = sum(x["sent"] for x in s["streams"].values())
+            rows.append([str(rnd + 1), f"{e_sent:,.0f}", f"{enforced:,.0f} ("
+                         + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(e["rejections"].items())) + ")",
+                         f"{s_sent:,.0f}", f"{would:,.0f} ("
+                         + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(s["shadow"].items())) + ")",
+                         f"{(would - enforced) / enforced * 100:+.1f}%" if enforced else "n/a",
+                         f"{enforced / e_sent * 100:.1f}% / {would / s_sent * 100:.1f}%" if e_sent and s_sent else "n/a",
+                         f"{(s['upstream'] or {}).get('peak_concurrency', 'n/a')}"])
+        out += ["### Shadow mode vs enforce: the priority run at 4x, back to back", "",
+                f"load average (1/5/15 min) before: {' '.join(p['load']['before'])}, after: "
+                f"{' '.join(p['load']['after'])}", "",
+                table(["round", "enforce: requests", "enforce: shed (`spillway_rejections_total`)",
+                       "shadow: requests", "shadow: would shed (`spillway_shadow_decisions_total`)",
+                       "shadow vs enforce", "shed share enforce / shadow", "shadow: upstream peak conc."], rows), ""]
+    if entry["notes"]:
+        out += ["### Notes", ""] + [f"- {n}" for n in entry["notes"]] + [""]
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------- main
 
 def rerender(raw_path):
@@ -771,6 +1143,8 @@ def rerender(raw_path):
         DURATION = entry.get("duration", DURATION)
         if entry["scenario"] == "core":
             print(render_core(entry["results"], entry["notes"], entry["upstream"]))
+        elif entry["scenario"] == "priority":
+            print(render_priority(entry))
         else:
             res = {}
             for key, v in entry["results"].items():
@@ -787,7 +1161,7 @@ def main():
     scen = sys.argv[1] if len(sys.argv) > 1 else "all"
     if scen == "render" and len(sys.argv) > 2:
         return rerender(sys.argv[2])
-    if scen not in ("core", "overload", "all"):
+    if scen not in ("core", "overload", "priority", "all"):
         say(__doc__)
         return 2
     WORK = tempfile.mkdtemp(prefix="spillway-load-")
@@ -803,8 +1177,8 @@ def main():
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     rc = 0
     try:
-        for s in (["core", "overload"] if scen == "all" else [scen]):
-            md = core() if s == "core" else overload()
+        for s in (["core", "overload", "priority"] if scen == "all" else [scen]):
+            md = {"core": core, "overload": overload, "priority": priority}[s]()
             path = os.path.join(HERE, f"results-{s}.md")
             with open(path, "w") as f:
                 f.write(md + "\n")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Spillway load benchmarks. usage: benches/load/run.sh [core|overload|all]
+# Spillway load benchmarks. usage: benches/load/run.sh [core|overload|priority|all]
 # Installs what it needs by package name, builds Spillway with the `dist` profile
-# (fat LTO, what the Docker image ships) and
+# (fat LTO, what the Docker image ships; PROFILE=release for the faster build) and
 # runs harness.py (python3, standard library only). See benches/load/README.md.
 set -euo pipefail
 
 SCENARIO="${1:-all}"
-case "$SCENARIO" in core|overload|all) ;; *) echo "usage: $0 [core|overload|all]" >&2; exit 2 ;; esac
+case "$SCENARIO" in core|overload|priority|all) ;; *) echo "usage: $0 [core|overload|priority|all]" >&2; exit 2 ;; esac
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -45,9 +45,10 @@ if ! command -v oha >/dev/null 2>&1; then
 fi
 
 # --- Spillway ---------------------------------------------------------------
+PROFILE="${PROFILE:-dist}"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$ROOT" && cargo build --profile dist --locked >&2)
+  (cd "$ROOT" && cargo build --profile "$PROFILE" --locked >&2)
 fi
-export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/dist/spillway}"
+export SPILLWAY_BIN="${SPILLWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/spillway}"
 
 exec python3 "$HERE/harness.py" "$SCENARIO"
