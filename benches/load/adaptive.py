@@ -292,12 +292,12 @@ def render(results):
            f"of its median over the phase's last 10 s; goal p99 after settling <= (tolerance + 1) x S = "
            f"{bound * 1000:.0f} ms, goodput >= 95% of capacity", ""]
     out.append("| case | phase | capacity (req/s) | goodput req/s (% of capacity) | limit (median, last 10 s) "
-               "| settled after | 2xx p50 ms | 2xx p99 ms | 2xx p99 after settling ms | rejected /s "
+               "| settled after | 2xx p50 ms | 2xx p99 ms | 2xx p99 after settling ms | rejected /s by status "
                "| mean upstream latency ms | mean queue wait ms | mean queue depth |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
         for p in res["phases"]:
-            rej = ", ".join(f"{v:.0f} x {k}" for k, v in p["rejected_per_s"].items()) or "0"
+            rej = ", ".join(f"{k}: {v:.0f}" for k, v in p["rejected_per_s"].items()) or "0"
             settled = "—" if p["settled_at"] is None else f"{p['settled_at'] - int(p['phase'].split('-')[0]):.1f} s"
             lim = "—" if p["limit_median"] is None else f"{p['limit_median']:.0f}"
             out.append(f"| {res['case']} | {p['phase']} | {p['capacity']} x {SERVICE_MS} ms = {p['capacity_rps']:.0f} "
