@@ -122,46 +122,6 @@ async fn wait_answered(h: &ProxyHarness, n: usize) {
     .await;
 }
 
-/// The client's faults were not the upstream's: breaker closed and never
-/// moved, no `upstream_*` reason, no failed upstream outcome, no retry.
-async fn assert_not_blamed_on_the_upstream(h: &ProxyHarness) {
-    let m = h.metrics().await;
-    assert_eq!(
-        m.value(
-            "spillway_circuit_state",
-            &[("upstream", "app"), ("state", "closed")]
-        ),
-        Some(1.0),
-        "the breaker left closed:\n{}",
-        m.text
-    );
-    assert_eq!(
-        m.value("spillway_circuit_transitions_total", &[("upstream", "app")])
-            .unwrap_or(0.0),
-        0.0
-    );
-    for s in m.find("spillway_requests_total", &[]) {
-        let reason = s.label("reason").unwrap_or("");
-        assert!(
-            !reason.starts_with("upstream_"),
-            "a client-side fault was blamed on the upstream: {s:?}"
-        );
-    }
-    for outcome in ["reset", "timeout", "connect_error", "5xx"] {
-        assert_eq!(
-            m.value(
-                "spillway_upstream_requests_total",
-                &[("upstream", "app"), ("outcome", outcome)]
-            )
-            .unwrap_or(0.0),
-            0.0,
-            "upstream outcome {outcome} counted:\n{}",
-            m.text
-        );
-    }
-    assert_eq!(m.value("spillway_retries_total", &[]).unwrap_or(0.0), 0.0);
-}
-
 async fn assert_breaker_open(h: &ProxyHarness, client: &HttpClient, base: &str) {
     let resp = client
         .request(
