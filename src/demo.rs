@@ -6,7 +6,14 @@
 //! capacity changes while it runs: growing admits waiting requests at once,
 //! shrinking cancels nothing and admits no one until fewer than the new
 //! capacity are being served.
-//! `GET /__stats` returns `{"peak_concurrency","current","served"}` and
+//! Under a backlog each server finishes one request per `service_time`: the
+//! timer wakes up to a millisecond late, and a server that starts its next
+//! request at once makes that lateness up (at most 2 ms of it), so the
+//! simulated capacity is `capacity / service_time`, not a few percent below.
+//! `GET /__stats` returns `{"peak_concurrency","current","served","latency_ms"}`,
+//! where `latency_ms` maps whole milliseconds (the last bucket holds longer
+//! ones) to how many requests took that long inside the service, waiting
+//! included: the upstream latency the proxy in front of it sees. And
 //! `POST /__fail?on=1|0` makes every request answer 503 (to trip a breaker).
 //!
 //! The demo starts that upstream, Spillway in front of it with config/demo.yaml,
@@ -89,12 +96,32 @@ struct ServersState {
     capacity: usize,
     /// Permits still to be withheld after a shrink.
     debt: usize,
+    /// When each free server finished its last request (at most one entry
+    /// per free permit; a server missing here has been idle).
+    free_at: Vec<Instant>,
 }
+
+/// How much of a timer's lateness a server makes up on its next request.
+const MAX_CATCH_UP: Duration = Duration::from_millis(2);
 
 /// One request being served.
 pub(crate) struct Serving<'a> {
     servers: &'a Servers,
     permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    /// When this request's service began: when the server became free if
+    /// that was less than [`MAX_CATCH_UP`] ago, else now.
+    start: Instant,
+    /// When this request's service is due to end, once known.
+    end: Option<Instant>,
+}
+
+impl Serving<'_> {
+    /// Serves for `service_time` from [`Serving::start`].
+    pub(crate) async fn serve(&mut self, service_time: Duration) {
+        let end = self.start + service_time;
+        self.end = Some(end);
+        tokio::time::sleep_until(end).await;
+    }
 }
 
 impl Servers {
@@ -103,16 +130,28 @@ impl Servers {
         let capacity = capacity.max(1);
         Servers {
             sem: Semaphore::new(capacity),
-            state: Mutex::new(ServersState { capacity, debt: 0 }),
+            state: Mutex::new(ServersState {
+                capacity,
+                debt: 0,
+                free_at: Vec::with_capacity(capacity),
+            }),
         }
     }
 
     /// Waits for a free server.
     pub(crate) async fn acquire(&self) -> Option<Serving<'_>> {
         let permit = self.sem.acquire().await.ok()?;
+        let now = Instant::now();
+        let free_at = self.state.lock().free_at.pop();
+        let start = match free_at {
+            Some(t) if now.saturating_duration_since(t) <= MAX_CATCH_UP => t,
+            _ => now,
+        };
         Some(Serving {
             servers: self,
             permit: Some(permit),
+            start,
+            end: None,
         })
     }
 
@@ -142,6 +181,11 @@ impl Drop for Serving<'_> {
             if st.debt > 0 {
                 st.debt -= 1;
                 p.forget();
+            } else if st.free_at.len() < st.capacity {
+                // Dropped early (the client left) or served without a
+                // service time: the server is free from now.
+                let now = Instant::now();
+                st.free_at.push(self.end.map_or(now, |e| e.min(now)));
             }
         }
     }
@@ -154,6 +198,45 @@ pub struct SimStats {
     pub peak: AtomicUsize,
     pub served: AtomicU64,
     pub failing: AtomicBool,
+    /// Requests by whole milliseconds spent inside the service.
+    pub latency_ms: LatencyMs,
+}
+
+/// Counts by whole milliseconds, 0 to [`LatencyMs::MAX_MS`]; longer ones
+/// count in the last bucket.
+pub struct LatencyMs(Box<[AtomicU64]>);
+
+impl LatencyMs {
+    pub const MAX_MS: usize = 2000;
+
+    pub fn record(&self, d: Duration) {
+        let ms = usize::try_from(d.as_millis()).unwrap_or(usize::MAX);
+        if let Some(b) = self.0.get(ms.min(Self::MAX_MS)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `{"20":31,"21":4}`: only the buckets that counted something.
+    pub fn to_json(&self) -> String {
+        let mut out = String::from("{");
+        for (ms, b) in self.0.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            if n > 0 {
+                if out.len() > 1 {
+                    out.push(',');
+                }
+                out.push_str(&format!("\"{ms}\":{n}"));
+            }
+        }
+        out.push('}');
+        out
+    }
+}
+
+impl Default for LatencyMs {
+    fn default() -> Self {
+        LatencyMs((0..=Self::MAX_MS).map(|_| AtomicU64::new(0)).collect())
+    }
 }
 
 /// A running simulated upstream.
@@ -241,10 +324,11 @@ async fn sim_handle(
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/__stats") => {
             let j = format!(
-                "{{\"peak_concurrency\":{},\"current\":{},\"served\":{}}}",
+                "{{\"peak_concurrency\":{},\"current\":{},\"served\":{},\"latency_ms\":{}}}",
                 st.peak.load(Ordering::Relaxed),
                 st.current.load(Ordering::Relaxed),
-                st.served.load(Ordering::Relaxed)
+                st.served.load(Ordering::Relaxed),
+                st.latency_ms.to_json()
             );
             return Ok(Response::new(Full::new(Bytes::from(j))));
         }
@@ -261,14 +345,15 @@ async fn sim_handle(
     // client (the proxy) closed the connection: a cancelled request must not
     // stay counted as outstanding.
     let _outstanding = Outstanding(st.clone());
+    let arrived = Instant::now();
     // Drain the request body (bounded by the proxy's max_request_body).
     let _ = req.into_body().collect().await;
     let fail = st.failing.load(Ordering::Relaxed)
         || (cfg.fail_rate > 0.0 && fastrand::f64() < cfg.fail_rate);
     let resp = match cap.acquire().await {
-        Some(_serving) => {
+        Some(mut serving) => {
             if !cfg.service_time.is_zero() {
-                tokio::time::sleep(cfg.service_time).await;
+                serving.serve(cfg.service_time).await;
             }
             let mut r = Response::new(Full::new(if fail {
                 Bytes::from_static(b"unavailable")
@@ -286,6 +371,7 @@ async fn sim_handle(
             r
         }
     };
+    st.latency_ms.record(arrived.elapsed());
     st.served.fetch_add(1, Ordering::Relaxed);
     Ok(resp)
 }
@@ -578,5 +664,39 @@ mod tests {
         let _e = more.await.expect("admitted by growth");
         drop(d);
         assert_eq!(servers.sem.available_permits(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_timer_is_made_up_on_the_next_request_only_under_backlog() {
+        let servers = Servers::new(1);
+        let service = Duration::from_millis(20);
+        let mut first = servers.acquire().await.expect("open");
+        let began = first.start;
+        first.serve(service).await;
+        // The handler runs 1 ms after the service ended (a late wake-up).
+        tokio::time::advance(Duration::from_millis(1)).await;
+        drop(first);
+        let mut second = servers.acquire().await.expect("free");
+        assert_eq!(
+            second.start,
+            began + service,
+            "back to back from the due end"
+        );
+        second.serve(service).await;
+        assert_eq!(Instant::now(), began + 2 * service);
+        // Idle longer than the catch-up bound: the next one starts now.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        drop(second);
+        let third = servers.acquire().await.expect("free");
+        assert_eq!(third.start, Instant::now());
+    }
+
+    #[test]
+    fn latency_buckets_are_whole_milliseconds_with_an_overflow_bucket() {
+        let l = LatencyMs::default();
+        l.record(Duration::from_micros(20_900));
+        l.record(Duration::from_millis(20));
+        l.record(Duration::from_secs(60));
+        assert_eq!(l.to_json(), "{\"20\":2,\"2000\":1}");
     }
 }
