@@ -8,7 +8,11 @@
 //! # Samples
 //!
 //! A sample is the time from the start of an upstream attempt to its response
-//! headers, with the route's in-flight count when the headers arrive. A
+//! headers, with the route's in-flight count when the attempt started: the
+//! load that request met, so a queueing upstream's latency pairs with the
+//! count that caused it (the count when the headers arrive lags it by one
+//! latency, and under saturation that lag can make a full upstream look as
+//! if its latency did not depend on load). A
 //! timed-out attempt is a sample as slow as its timeout. Attempts that never
 //! reached the upstream or broke (connect, reset, client body failures) and
 //! `5xx` answers say nothing about queueing in the upstream and are not
@@ -37,7 +41,10 @@
 //! - **Flat response.** When the mean in-flight count changed by at least 10%
 //!   between two intervals and the latency moved by less than a quarter of
 //!   that, latency does not depend on load there: nothing queues, and that
-//!   latency *is* the no-load latency, higher or lower than the estimate. This
+//!   latency *is* the no-load latency, higher or lower than the estimate.
+//!   Only a flat response seen while the load fell may raise it: while the
+//!   limit climbs over a full upstream, latency can trail the load for an
+//!   interval and look flat. This
 //!   is how the limiter re-learns an upstream that got slower, without
 //!   dropping to `min`: as the limit falls below the upstream's capacity the
 //!   latency stops falling with it, and the estimate is reset right there.
@@ -115,11 +122,13 @@ pub struct Settings {
 
 /// Feeds one finished upstream attempt of `state`'s route to its adaptive
 /// limit (a no-op for a fixed cap) and applies a changed limit to admission.
-/// `started` is when the attempt began; `result` is what the per-try timeout
+/// `started` is when the attempt began, with `in_flight` requests holding a
+/// permit then (this one included); `result` is what the per-try timeout
 /// around the call returned.
 pub(crate) fn observe<B>(
     state: &RouteState,
     started: Instant,
+    in_flight: usize,
     result: &Result<Result<http::Response<B>, AttemptError>, Elapsed>,
 ) {
     let guard = state.adaptive.load();
@@ -132,7 +141,6 @@ pub(crate) fn observe<B>(
         Ok(Err(_)) => return,
     }
     let now = Instant::now();
-    let in_flight = state.admission.in_flight();
     if limiter
         .on_sample(
             now,
@@ -241,8 +249,8 @@ impl AdaptiveLimit {
     }
 
     /// Records one sample: an attempt that `started` and got its answer at
-    /// `now` after `latency`, with `in_flight` requests holding a permit at
-    /// that point. Returns the new limit when this sample closed an interval
+    /// `now` after `latency`, with `in_flight` requests holding a permit when
+    /// it started. Returns the new limit when this sample closed an interval
     /// that changed it.
     pub fn on_sample(
         &self,
@@ -308,8 +316,14 @@ impl State {
             _ => self.base = Some(cur.latency),
         }
         if let Some(prev) = self.prev {
-            if flat(prev, cur) {
-                self.base = Some(cur.latency.min(prev.latency));
+            let flat_at = cur.latency.min(prev.latency);
+            // Raising the estimate takes a flat response while the load
+            // fell (a cut or a probe step): while the limit climbs, a
+            // saturated upstream's latency can trail the load for an
+            // interval and look flat.
+            let raises = self.base.is_some_and(|b| flat_at > b);
+            if flat(prev, cur) && (!raises || cur.in_flight < prev.in_flight) {
+                self.base = Some(flat_at);
                 self.confirmed_at = Some(now);
                 self.probing = false;
             }
@@ -421,7 +435,7 @@ mod tests {
     #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
     enum Ev {
         Arrival,
-        Done { started: Duration },
+        Done { started: Duration, in_flight: usize },
         Capacity,
     }
 
@@ -437,7 +451,8 @@ mod tests {
         in_flight: usize,
         waiting: VecDeque<Duration>,
         busy: usize,
-        upstream_q: VecDeque<Duration>,
+        /// (sent at, in-flight then)
+        upstream_q: VecDeque<(Duration, usize)>,
         events: BinaryHeap<Reverse<(Duration, u64, Ev)>>,
         seq: u64,
         /// (done at, upstream latency)
@@ -530,14 +545,11 @@ mod tests {
                             self.waiting.push_back(t);
                         }
                     }
-                    Ev::Done { started } => {
+                    Ev::Done { started, in_flight } => {
                         let latency = t - started;
-                        let changed = self.lim.on_sample(
-                            self.t0 + t,
-                            self.t0 + started,
-                            latency,
-                            self.in_flight,
-                        );
+                        let changed =
+                            self.lim
+                                .on_sample(self.t0 + t, self.t0 + started, latency, in_flight);
                         if let Some(l) = changed {
                             self.limits.push((t, l));
                         }
@@ -556,18 +568,18 @@ mod tests {
         fn dispatch(&mut self) {
             self.in_flight += 1;
             self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
-            self.upstream_q.push_back(self.now);
+            self.upstream_q.push_back((self.now, self.in_flight));
             self.start_upstream();
         }
 
         fn start_upstream(&mut self) {
             while self.busy < self.cap() {
-                let Some(started) = self.upstream_q.pop_front() else {
+                let Some((started, in_flight)) = self.upstream_q.pop_front() else {
                     break;
                 };
                 self.busy += 1;
                 let service = at(&self.service, self.now);
-                self.push(self.now + service, Ev::Done { started });
+                self.push(self.now + service, Ev::Done { started, in_flight });
             }
         }
 
@@ -712,6 +724,28 @@ mod tests {
         );
         let (lo, hi) = sim.limit_range(secs(60), secs(70));
         assert!(lo >= 3 && hi <= 10, "{lo}..{hi}");
+    }
+
+    #[test]
+    fn the_benchmark_schedule_settles_in_every_phase() {
+        // benches/load/adaptive.sh: a constant 2 x the first capacity while
+        // it goes 8 -> 16 -> 4, 20 s each.
+        let sched = [(Duration::ZERO, 8), (secs(20), 16), (secs(40), 4)];
+        let mut sim = Sim::new(settings(), &sched, &[(Duration::ZERO, overload(8, 2.0))]);
+        sim.run_until(secs(60));
+        for (from, to, c) in [(10, 20, 8), (30, 40, 16), (50, 60, 4)] {
+            let (lo, hi) = sim.limit_range(secs(from), secs(to));
+            assert!(
+                lo * 4 >= c * 3 && hi <= 2 * c + 2,
+                "capacity {c}: limit {lo}..{hi}: {:?}",
+                sim.limits
+            );
+            let p99 = sim.latency_p99(secs(from), secs(to));
+            assert!(p99 <= 3 * S, "capacity {c}: upstream p99 {p99:?}");
+            if c < 16 {
+                assert!(sim.goodput_share(secs(from), secs(to), c) >= 0.95);
+            }
+        }
     }
 
     #[test]

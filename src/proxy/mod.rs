@@ -642,13 +642,15 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
         ep: &ep,
         armed: true,
     };
+    // The load this attempt meets, for the adaptive limit (one atomic load).
+    let in_flight = ctx.state().admission.in_flight();
     let result = tokio::time::timeout_at(attempt_deadline, call).await;
     watch.disarm();
     // A timeout while the body waited for the client says nothing about the
     // upstream's latency: no sample.
     let client_stalled = result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
     if !client_stalled {
-        adaptive::observe(ctx.state(), now, &result);
+        adaptive::observe(ctx.state(), now, in_flight, &result);
     }
     ctx.state()
         .hist
