@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Spillway load benchmarks. usage: benches/load/run.sh [core|overload|priority|all]
+# Spillway load benchmarks.
+# usage: benches/load/run.sh [core|overload|priority|all|h2|bodies|routes|idle|protocols]
 # Installs what it needs by package name, builds Spillway with the `dist` profile
 # (fat LTO, what the Docker image ships; PROFILE=release for the faster build) and
-# runs harness.py (python3, standard library only). See benches/load/README.md.
+# runs harness.py (python3, standard library only); h2, bodies, routes and idle
+# (protocols = all four) run protocols.py, built on it. See benches/load/README.md.
 set -euo pipefail
 
 SCENARIO="${1:-all}"
-case "$SCENARIO" in core|overload|priority|all) ;; *) echo "usage: $0 [core|overload|priority|all]" >&2; exit 2 ;; esac
+case "$SCENARIO" in
+  core|overload|priority|all|h2|bodies|routes|idle|protocols) ;;
+  *) echo "usage: $0 [core|overload|priority|all|h2|bodies|routes|idle|protocols]" >&2; exit 2 ;;
+esac
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -17,7 +22,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # --- tools, by package name -------------------------------------------------
 missing=()
-for tool in wrk nginx haproxy taskset python3; do
+for tool in wrk nginx haproxy taskset python3 h2load; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -26,6 +31,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     case "$tool" in
       taskset) pkgs+=(util-linux) ;;
       python3) pkgs+=(python3) ;;
+      h2load) pkgs+=(nghttp2-client) ;;
       *) pkgs+=("$tool") ;;
     esac
   done
@@ -39,7 +45,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
   done
 fi
-if ! command -v oha >/dev/null 2>&1; then
+# oha drives core, overload and priority; the protocols.py parts use wrk and h2load only
+if ! command -v oha >/dev/null 2>&1 && ! [[ "$SCENARIO" =~ ^(h2|bodies|routes|idle|protocols)$ ]]; then
   echo "installing oha (cargo install oha --locked; compiles for several minutes)" >&2
   cargo install oha --locked ${OHA_JOBS:+-j "$OHA_JOBS"} >&2
 fi
@@ -51,4 +58,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 export SPILLWAY_BIN="${SPILLWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/spillway}"
 
-exec python3 "$HERE/harness.py" "$SCENARIO"
+case "$SCENARIO" in
+  h2|bodies|routes|idle|protocols) exec python3 "$HERE/protocols.py" "$SCENARIO" ;;
+  *) exec python3 "$HERE/harness.py" "$SCENARIO" ;;
+esac
