@@ -68,7 +68,12 @@
 //!   was not saturated, no lower than the peak in-flight count: a limit below
 //!   current use cannot relieve anything.
 //! - probing and saturated: `limit x 0.85` (at least -1).
-//! - latency at or below `threshold` and saturated: `+max(1, limit / 16)`.
+//! - latency at or below `threshold` and saturated: `+max(1, limit / 16)`,
+//!   unless that step would take latency past `threshold` if the upstream
+//!   were already full (latency grows by `latency / limit` per request above
+//!   its capacity); then unchanged. The limit then stops one step below the
+//!   threshold instead of oscillating across it, which keeps the tail
+//!   latency within `(tolerance + 1) x` the no-load latency.
 //! - otherwise (the limit was not reached): unchanged, so an idle or lightly
 //!   used route never creeps up.
 //!
@@ -352,7 +357,16 @@ impl State {
         } else if self.probing && saturated {
             (old * PROBE_STEP).min(old - 1.0)
         } else if saturated {
-            old + (old / 16.0).max(1.0)
+            // Grow only if the step would keep latency within the threshold
+            // should the upstream already be full (each request above its
+            // capacity adds latency / limit): growing into the threshold
+            // and being cut back would put the tail above it.
+            let step = (old / 16.0).max(1.0);
+            if latency * (old + step) / old <= threshold {
+                old + step
+            } else {
+                old
+            }
         } else {
             old
         };
