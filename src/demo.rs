@@ -7,8 +7,8 @@
 //! shrinking cancels nothing and admits no one until fewer than the new
 //! capacity are being served.
 //! Under a backlog each server finishes one request per `service_time`: the
-//! timer wakes up to a millisecond late, and a server that starts its next
-//! request at once makes that lateness up (at most 2 ms of it), so the
+//! timer wakes up to a millisecond late, and a server that starts a request
+//! that was already waiting makes that lateness up (at most 2 ms of it), so the
 //! simulated capacity is `capacity / service_time`, not a few percent below.
 //! `GET /__stats` returns `{"peak_concurrency","current","served","latency_ms"}`,
 //! where `latency_ms` maps whole milliseconds (the last bucket holds longer
@@ -109,7 +109,8 @@ pub(crate) struct Serving<'a> {
     servers: &'a Servers,
     permit: Option<tokio::sync::SemaphorePermit<'a>>,
     /// When this request's service began: when the server became free if
-    /// that was less than [`MAX_CATCH_UP`] ago, else now.
+    /// that was less than [`MAX_CATCH_UP`] ago and this request was already
+    /// waiting then, else now.
     start: Instant,
     /// When this request's service is due to end, once known.
     end: Option<Instant>,
@@ -140,11 +141,14 @@ impl Servers {
 
     /// Waits for a free server.
     pub(crate) async fn acquire(&self) -> Option<Serving<'_>> {
+        let asked = Instant::now();
         let permit = self.sem.acquire().await.ok()?;
         let now = Instant::now();
         let free_at = self.state.lock().free_at.pop();
+        // Never before this request asked: only a waiting request can start
+        // when the server it takes became free.
         let start = match free_at {
-            Some(t) if now.saturating_duration_since(t) <= MAX_CATCH_UP => t,
+            Some(t) if now.saturating_duration_since(t) <= MAX_CATCH_UP => t.max(asked),
             _ => now,
         };
         Some(Serving {
@@ -672,23 +676,29 @@ mod tests {
         let service = Duration::from_millis(20);
         let mut first = servers.acquire().await.expect("open");
         let began = first.start;
+        // The second request waits for the only server.
+        let second = servers.acquire();
+        tokio::pin!(second);
+        assert!(pending(second.as_mut()));
         first.serve(service).await;
         // The handler runs 1 ms after the service ended (a late wake-up).
         tokio::time::advance(Duration::from_millis(1)).await;
         drop(first);
-        let mut second = servers.acquire().await.expect("free");
-        assert_eq!(
-            second.start,
-            began + service,
-            "back to back from the due end"
-        );
+        let mut second = second.await.expect("granted");
+        assert_eq!(second.start, began + service, "back to back from the due end");
         second.serve(service).await;
         assert_eq!(Instant::now(), began + 2 * service);
-        // Idle longer than the catch-up bound: the next one starts now.
-        tokio::time::advance(Duration::from_millis(5)).await;
         drop(second);
+        // A request that arrives after the server became free is not served
+        // shorter: it starts when it arrived.
+        tokio::time::advance(Duration::from_millis(1)).await;
         let third = servers.acquire().await.expect("free");
         assert_eq!(third.start, Instant::now());
+        drop(third);
+        // Idle longer than the catch-up bound: the next one starts now.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let fourth = servers.acquire().await.expect("free");
+        assert_eq!(fourth.start, Instant::now());
     }
 
     #[test]
