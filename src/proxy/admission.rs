@@ -95,6 +95,7 @@
 //! lock is released.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -130,6 +131,32 @@ pub(crate) fn key_hash(bytes: &[u8]) -> u64 {
         .build_hasher();
     h.write(bytes);
     h.finish().min(OVERFLOW_KEY - 1)
+}
+
+/// Maps keyed by [`key_hash`] values, which are keyed SipHash already:
+/// hashing them a second time buys nothing (and costs on every acquire and
+/// release with fairness).
+type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+
+/// Passes a `u64` key through as its own hash.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; fold anything else in anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Order in which queued requests are served.
@@ -227,7 +254,7 @@ struct State {
     /// When the queue last went from empty to non-empty; `None` while empty.
     standing_since: Option<Instant>,
     /// Fairness: keys with requests in flight or waiting.
-    keys: HashMap<u64, KeyCount>,
+    keys: KeyMap<KeyCount>,
     /// Bumped by every switch from shadow to enforce (see `Permit::drop`).
     epoch: u64,
 }
@@ -235,7 +262,7 @@ struct State {
 #[derive(Default)]
 struct ClassQueue {
     /// Per key (one key, 0, without fairness).
-    keys: HashMap<u64, KeyQueue>,
+    keys: KeyMap<KeyQueue>,
     live: usize,
 }
 
@@ -288,7 +315,8 @@ enum SlotState {
 /// and the waiter the arrival displaced, if any.
 enum Enqueued {
     Admitted(Ticket, Option<Rejected>),
-    Queued(Arc<Slot>, Duration, Option<Rejected>),
+    /// Queued at the `Instant`, for at most the `Duration`.
+    Queued(Arc<Slot>, Instant, Duration, Option<Rejected>),
     /// Shadow mode: let through, holding this virtual place.
     Shadow(Ticket, ShadowHold, ShadowDecision, Option<Rejected>),
 }
@@ -423,7 +451,7 @@ impl Admission {
                 live: 0,
                 peak: 0,
                 standing_since: None,
-                keys: HashMap::new(),
+                keys: KeyMap::default(),
                 epoch: 0,
             }),
         });
@@ -554,8 +582,7 @@ impl Admission {
         if !self.locked.load(Ordering::Acquire) && self.try_acquire_fast(ticket.class) {
             return Ok(self.admitted(ticket, Duration::ZERO, None, None));
         }
-        let enqueued_at = Instant::now();
-        let (slot, max_wait, displaced) = match self.enqueue(ticket, enqueued_at, deadline)? {
+        let (slot, enqueued_at, max_wait, displaced) = match self.enqueue(ticket, deadline)? {
             Enqueued::Admitted(ticket, displaced) => {
                 return Ok(self.admitted(ticket, Duration::ZERO, displaced, None))
             }
@@ -564,7 +591,7 @@ impl Admission {
                 a.permit.shadow = Some(hold);
                 return Ok(a);
             }
-            Enqueued::Queued(slot, max_wait, displaced) => (slot, max_wait, displaced),
+            Enqueued::Queued(slot, at, max_wait, displaced) => (slot, at, max_wait, displaced),
         };
         let mut waiter = Waiter {
             admission: self,
@@ -671,12 +698,12 @@ impl Admission {
     /// Locked slow path: admit if the class's threshold allows, else make
     /// room (CoDel, displacement) and queue, or refuse. In shadow mode the
     /// same decision is taken for a virtual place and the caller goes on.
-    fn enqueue(
-        &self,
-        mut ticket: Ticket,
-        now: Instant,
-        deadline: Option<Instant>,
-    ) -> Result<Enqueued, Rejected> {
+    fn enqueue(&self, mut ticket: Ticket, deadline: Option<Instant>) -> Result<Enqueued, Rejected> {
+        // The clock is read only if the arrival cannot be admitted at once:
+        // an uncontended acquire with fairness or shadow mode takes this
+        // path every time.
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(Instant::now);
         let mut wakes = WakeList::new();
         let mut st = self.state.lock();
         ticket = st.intern(ticket);
@@ -716,9 +743,9 @@ impl Admission {
             }
             if st.live >= st.limits.max_depth && displaced.is_none() {
                 // Overloaded: stale waiters are worth less than this fresh one.
-                if !shed && st.lifo_active(now) {
+                if !shed && st.lifo_active(now()) {
                     shed = true;
-                    self.shed_stale(&mut st, now, &mut wakes);
+                    self.shed_stale(&mut st, now(), &mut wakes);
                     cur = self.word.load(Ordering::Acquire);
                     continue;
                 }
@@ -735,7 +762,7 @@ impl Admission {
                 cur = self.word.load(Ordering::Acquire);
                 continue;
             }
-            if max_wait.is_zero() || deadline.is_some_and(|d| d <= now) {
+            if max_wait.is_zero() || deadline.is_some_and(|d| d <= now()) {
                 drop(st);
                 wakes.wake_all();
                 return refuse(shadow, ticket, Rejected::QueueTimeout).map(|e| match e {
@@ -765,6 +792,7 @@ impl Admission {
             waker: None,
             ticket,
         })));
+        let now = now();
         st.push(ticket, Arc::clone(&slot), now);
         drop(st);
         wakes.wake_all();
@@ -776,7 +804,7 @@ impl Admission {
                 displaced,
             )
         } else {
-            Enqueued::Queued(slot, max_wait, displaced)
+            Enqueued::Queued(slot, now, max_wait, displaced)
         })
     }
 
@@ -814,7 +842,12 @@ impl Admission {
                 (w & COUNT > 0).then(|| w - 1)
             });
         st.count_key_released(ticket);
-        self.admit_waiters(st, Instant::now(), wakes);
+        if st.live > 0 {
+            self.admit_waiters(st, Instant::now(), wakes);
+        } else {
+            // Nobody to hand the permit to: no clock read.
+            self.settle(st);
+        }
     }
 
     /// Releases a shadow-mode request's virtual place.
