@@ -60,8 +60,17 @@
 //! # Shadow mode ([`Policy::shadow`])
 //!
 //! Every request is let through at once, and the same state machine runs on
-//! the side: a request that would have queued holds a virtual place in the
-//! queue (and later a virtual permit) for as long as it really runs, so the
+//! the side in virtual time, as enforcement would have run it: a request
+//! admitted virtually holds its virtual permit for as long as it really
+//! runs; one that would have queued keeps its virtual queue place until a
+//! virtual permit frees for it (then holds it for as long as it really ran,
+//! from that moment), until it would have given up at `max_wait`, or until
+//! it is displaced — whether or not its real request has ended meanwhile.
+//! Virtual releases that fall due after the real request ended wait in a
+//! heap (one entry per virtual permit, so bounded by the limit) and are
+//! applied, in time order and each as of its own time, at the route's next
+//! shadow-mode acquire or release; virtual waiters past `max_wait` are
+//! dropped when they would make an arrival find the queue full. So the
 //! decisions enforcement would have taken — queue, queue full, displaced by
 //! priority or fairness — are reported in [`Admitted::shadow`] and counted by
 //! the caller. The real in-flight count is kept apart and may exceed the limit.
@@ -94,10 +103,11 @@
 //! held across `.await`, no task is spawned, and wakers are woken after the
 //! lock is released.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::future::{poll_fn, Future};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -212,7 +222,7 @@ impl Default for Policy {
 }
 
 /// Who is asking: the request's priority class and fairness key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket {
     /// 0 is the highest class.
     pub class: usize,
@@ -257,6 +267,12 @@ struct State {
     keys: KeyMap<KeyCount>,
     /// Bumped by every switch from shadow to enforce (see `Permit::drop`).
     epoch: u64,
+    /// Shadow mode: virtual permits to release at a time already known
+    /// (their real requests ended; enforcement would have run them later).
+    /// At most one entry per virtual permit, so bounded by the limit.
+    virtual_releases: BinaryHeap<Reverse<(Instant, u64, Ticket)>>,
+    /// Tie-break for `virtual_releases`.
+    virtual_seq: u64,
 }
 
 #[derive(Default)]
@@ -294,6 +310,14 @@ struct SlotInner {
     waker: Option<Waker>,
     /// Where the entry is queued (kept current across policy changes).
     ticket: Ticket,
+    /// Shadow mode: when the virtual waiter arrived.
+    arrived: Instant,
+    /// Shadow mode: when it was granted a virtual permit.
+    granted_at: Option<Instant>,
+    /// Shadow mode: how long the real request ran, once it ended while its
+    /// virtual place was still queued. Its virtual permit, when granted, is
+    /// held that long.
+    ran: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -453,6 +477,8 @@ impl Admission {
                 standing_since: None,
                 keys: KeyMap::default(),
                 epoch: 0,
+                virtual_releases: BinaryHeap::new(),
+                virtual_seq: 0,
             }),
         });
         adm.publish(&adm.state.lock());
@@ -507,6 +533,7 @@ impl Admission {
             // Virtual waiters are real requests in flight: every request
             // really in flight now holds an enforced permit.
             st.clear_queues(SlotState::Done, &mut wakes);
+            st.virtual_releases.clear();
             self.settle(&mut st);
             let real = self.real_in_flight.load(Ordering::Acquire).min(COUNT);
             self.word.store(real, Ordering::Release);
@@ -520,7 +547,7 @@ impl Admission {
                 else {
                     continue;
                 };
-                self.grant(&mut st, ticket, entry, &mut wakes);
+                self.grant(&mut st, ticket, entry, Instant::now(), &mut wakes);
             }
             self.settle(&mut st);
         }
@@ -708,6 +735,10 @@ impl Admission {
         let mut st = self.state.lock();
         ticket = st.intern(ticket);
         let shadow = st.policy.shadow;
+        if shadow && !st.virtual_releases.is_empty() {
+            self.run_virtual(&mut st, now(), &mut wakes);
+        }
+        let mut expired = false;
         let max_wait = st.limits.max_wait;
         let threshold = st.threshold(ticket.class);
         let mut displaced = None;
@@ -742,6 +773,15 @@ impl Admission {
                 }
             }
             if st.live >= st.limits.max_depth && displaced.is_none() {
+                // Shadow mode: virtual waiters past `max_wait` would have
+                // left by now (nothing wakes them: they go when they count).
+                if shadow && !expired {
+                    expired = true;
+                    let bound = st.limits.max_wait;
+                    self.shed_older_than(&mut st, now(), bound, &mut wakes);
+                    cur = self.word.load(Ordering::Acquire);
+                    continue;
+                }
                 // Overloaded: stale waiters are worth less than this fresh one.
                 if !shed && st.lifo_active(now()) {
                     shed = true;
@@ -787,12 +827,15 @@ impl Admission {
                 Err(actual) => cur = actual,
             }
         }
+        let now = now();
         let slot = Arc::new(Slot(Mutex::new(SlotInner {
             state: SlotState::Waiting,
             waker: None,
             ticket,
+            arrived: now,
+            granted_at: None,
+            ran: None,
         })));
-        let now = now();
         st.push(ticket, Arc::clone(&slot), now);
         drop(st);
         wakes.wake_all();
@@ -833,6 +876,18 @@ impl Admission {
     }
 
     fn release_locked(&self, st: &mut State, ticket: Ticket, wakes: &mut WakeList) {
+        self.release_locked_at(st, ticket, None, wakes);
+    }
+
+    /// [`Self::release_locked`] at a given time (a virtual release that fell
+    /// due earlier), or now.
+    fn release_locked_at(
+        &self,
+        st: &mut State,
+        ticket: Ticket,
+        at: Option<Instant>,
+        wakes: &mut WakeList,
+    ) {
         // Atomic even under the lock: if WAITERS was cleared meanwhile, the
         // lock-free paths may be touching the count too. Never below zero:
         // a shadow-to-enforce switch may have recounted.
@@ -843,32 +898,66 @@ impl Admission {
             });
         st.count_key_released(ticket);
         if st.live > 0 {
-            self.admit_waiters(st, Instant::now(), wakes);
+            self.admit_waiters(st, at.unwrap_or_else(Instant::now), wakes);
         } else {
             // Nobody to hand the permit to: no clock read.
             self.settle(st);
         }
     }
 
-    /// Releases a shadow-mode request's virtual place.
+    /// The real request behind a shadow-mode place ended: releases its
+    /// virtual place as enforcement would have. Enforcement would have run
+    /// the request only once it got a permit, for as long as it really ran:
+    /// a virtual permit granted at `g` to a request that arrived at `a` and
+    /// ran for `d` is released at `g + d`, and a virtual waiter whose request
+    /// already ended stays queued until it is granted (then held for `d`),
+    /// times out at `max_wait`, or is displaced.
     fn release_shadow(&self, ticket: Ticket, hold: ShadowHold) {
         let mut wakes = WakeList::new();
         let mut st = self.state.lock();
+        let now = Instant::now();
+        self.run_virtual(&mut st, now, &mut wakes);
         match hold {
-            ShadowHold::Permit => self.release_locked(&mut st, ticket, &mut wakes),
-            ShadowHold::Queued(slot) => match slot.take_state() {
-                SlotState::Waiting => {
-                    st.unqueue(slot.ticket());
-                    self.settle(&mut st);
+            ShadowHold::Permit => self.release_locked_at(&mut st, ticket, Some(now), &mut wakes),
+            ShadowHold::Queued(slot) => {
+                let mut inner = slot.0.lock();
+                let ran = now.saturating_duration_since(inner.arrived);
+                match inner.state {
+                    SlotState::Waiting => inner.ran = Some(ran),
+                    SlotState::Granted => {
+                        inner.state = SlotState::Done;
+                        let due = inner.granted_at.unwrap_or(inner.arrived) + ran;
+                        let ticket = inner.ticket;
+                        drop(inner);
+                        if due <= now {
+                            self.release_locked_at(&mut st, ticket, Some(now), &mut wakes);
+                        } else {
+                            st.schedule_virtual_release(due, ticket);
+                        }
+                    }
+                    // Shed or displaced virtually: it held nothing any more.
+                    _ => {}
                 }
-                SlotState::Granted => self.release_locked(&mut st, slot.ticket(), &mut wakes),
-                // Shed or displaced virtually: it held nothing any more.
-                _ => {}
-            },
+            }
             ShadowHold::Nothing => {}
         }
+        // A grant just made may be due at once (a request that ran for no
+        // time): settle it now rather than at the next arrival.
+        self.run_virtual(&mut st, now, &mut wakes);
         drop(st);
         wakes.wake_all();
+    }
+
+    /// Shadow mode: releases the virtual permits that fell due by `now`, in
+    /// time order, each handing its permit on as of its own time.
+    fn run_virtual(&self, st: &mut State, now: Instant, wakes: &mut WakeList) {
+        while let Some(&Reverse((due, _, ticket))) = st.virtual_releases.peek() {
+            if due > now {
+                break;
+            }
+            st.virtual_releases.pop();
+            self.release_locked_at(st, ticket, Some(due), wakes);
+        }
     }
 
     /// Grants permits to waiters, highest class first, while thresholds allow.
@@ -883,15 +972,33 @@ impl Admission {
             let Some((ticket, entry)) = self.pop_next(st, c, now, wakes) else {
                 continue;
             };
-            self.grant(st, ticket, entry, wakes);
+            self.grant(st, ticket, entry, now, wakes);
         }
         self.settle(st);
     }
 
-    fn grant(&self, st: &mut State, ticket: Ticket, entry: Entry, wakes: &mut WakeList) {
+    fn grant(
+        &self,
+        st: &mut State,
+        ticket: Ticket,
+        entry: Entry,
+        now: Instant,
+        wakes: &mut WakeList,
+    ) {
         // WAITERS is still set, so nothing else changes the count now.
         self.word.fetch_add(1, Ordering::AcqRel);
         st.count_key_granted(ticket);
+        let mut inner = entry.slot.0.lock();
+        if let Some(ran) = inner.ran {
+            // Shadow mode, the real request already ended: enforcement
+            // would have run it from now for as long as it really ran.
+            inner.state = SlotState::Done;
+            drop(inner);
+            st.schedule_virtual_release(now + ran, ticket);
+            return;
+        }
+        inner.granted_at = Some(now);
+        drop(inner);
         entry.slot.finish(SlotState::Granted, wakes);
     }
 
@@ -943,6 +1050,18 @@ impl Admission {
     /// beyond the target, lowest class first.
     fn shed_stale(&self, st: &mut State, now: Instant, wakes: &mut WakeList) {
         let target = st.limits.codel_target;
+        self.shed_older_than(st, now, target, wakes);
+    }
+
+    /// Rejects waiters at the old end of each queue that waited beyond
+    /// `target`, lowest class first.
+    fn shed_older_than(
+        &self,
+        st: &mut State,
+        now: Instant,
+        target: Duration,
+        wakes: &mut WakeList,
+    ) {
         let mut shed: Vec<(Ticket, Entry)> = Vec::new();
         for c in (0..st.classes.len()).rev() {
             for (&key, kq) in st.classes[c].keys.iter_mut() {
@@ -1146,6 +1265,14 @@ impl State {
                 self.keys.remove(&ticket.key);
             }
         }
+    }
+
+    /// Shadow mode: a virtual permit whose real request has ended, to be
+    /// released at `due`.
+    fn schedule_virtual_release(&mut self, due: Instant, ticket: Ticket) {
+        self.virtual_seq += 1;
+        self.virtual_releases
+            .push(Reverse((due, self.virtual_seq, ticket)));
     }
 
     /// Fairness: a permit taken at once.
@@ -2207,6 +2334,65 @@ mod tests {
         let stats = adm.stats();
         assert_eq!((stats.in_flight, stats.queue_depth), (0, 0));
         assert_eq!(adm.word.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_mode_runs_a_virtual_waiter_after_its_wait_not_when_its_real_request_ends() {
+        use ShadowDecision::*;
+        let ms = Duration::from_millis;
+        let adm = Admission::with_policy(limits(1, 4, 10_000), policy(&[0.0], None, true));
+        // t = 0: A takes the only (virtual) permit; it really runs 10 ms.
+        let a = now_as(&adm, 0, 0).await;
+        assert_eq!(a.shadow, Some(Admit));
+        // t = 1: B would have queued; it really runs 4 ms and ends at t = 5,
+        // while enforcement would still have kept it waiting.
+        tokio::time::advance(ms(1)).await;
+        let b = now_as(&adm, 0, 0).await;
+        assert_eq!(b.shadow, Some(Queue));
+        tokio::time::advance(ms(4)).await;
+        drop(b);
+        assert_eq!(adm.stats().queue_depth, 1, "B still waits virtually");
+        // t = 10: A ends; B would have run from here for its 4 ms.
+        tokio::time::advance(ms(5)).await;
+        drop(a);
+        // t = 12: C finds B's virtual permit taken: it would have queued.
+        tokio::time::advance(ms(2)).await;
+        let c = now_as(&adm, 0, 0).await;
+        assert_eq!(c.shadow, Some(Queue));
+        // t = 15: B's virtual run ended at 14 and handed the permit to C.
+        tokio::time::advance(ms(3)).await;
+        let d = now_as(&adm, 0, 0).await;
+        assert_eq!(d.shadow, Some(Queue), "C holds the virtual permit now");
+        drop(c);
+        drop(d);
+        tokio::time::advance(ms(100)).await;
+        let e = now_as(&adm, 0, 0).await;
+        assert_eq!(e.shadow, Some(Admit), "everything virtual has run");
+        drop(e);
+        assert_eq!(adm.stats().in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_mode_virtual_waiters_leave_at_max_wait() {
+        use ShadowDecision::*;
+        let ms = Duration::from_millis;
+        let adm = Admission::with_policy(limits(1, 1, 50), policy(&[0.0], None, true));
+        let a = now_as(&adm, 0, 0).await;
+        assert_eq!(a.shadow, Some(Admit));
+        // B would have queued; its real request ends at once.
+        let b = now_as(&adm, 0, 0).await;
+        assert_eq!(b.shadow, Some(Queue));
+        drop(b);
+        tokio::time::advance(ms(10)).await;
+        assert_eq!(
+            now_as(&adm, 0, 0).await.shadow,
+            Some(Reject(Rejected::QueueFull)),
+            "B still holds the one virtual queue place"
+        );
+        // Past max_wait B would have given up: the place is free again.
+        tokio::time::advance(ms(50)).await;
+        assert_eq!(now_as(&adm, 0, 0).await.shadow, Some(Queue));
+        drop(a);
     }
 
     #[tokio::test(start_paused = true)]
