@@ -685,7 +685,11 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         drop(first);
         let mut second = second.await.expect("granted");
-        assert_eq!(second.start, began + service, "back to back from the due end");
+        assert_eq!(
+            second.start,
+            began + service,
+            "back to back from the due end"
+        );
         second.serve(service).await;
         assert_eq!(Instant::now(), began + 2 * service);
         drop(second);
