@@ -94,9 +94,14 @@ impl Body for RespBody {
 
 /// Something that must live exactly as long as the response body: permits and
 /// end-of-request bookkeeping. `finish` is told whether the body completed.
+/// Held by value inside the (already boxed) response state, so a request
+/// costs no allocation of its own for it.
 pub(crate) trait BodyGuard: Send + 'static {
-    fn finish(self: Box<Self>, outcome: BodyOutcome);
+    fn finish(self, outcome: BodyOutcome);
 }
+
+/// The guard the proxy hands its response bodies.
+type Guard = super::RequestGuard;
 
 /// How a response body ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +132,7 @@ enum Kind {
 
 struct UpstreamResponse {
     inner: RespBody,
-    guard: Option<Box<dyn BodyGuard>>,
+    guard: Option<Guard>,
     timer: IdleTimer,
     /// The whole exchange must end by the request deadline.
     deadline: Instant,
@@ -174,7 +179,7 @@ impl ProxyBody {
     /// The upstream's body; `guard` is finished when it ends.
     pub(crate) fn upstream(
         inner: RespBody,
-        guard: Box<dyn BodyGuard>,
+        guard: Guard,
         idle: Duration,
         deadline: Instant,
     ) -> Self {

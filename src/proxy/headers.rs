@@ -97,7 +97,9 @@ pub(crate) fn is_upgrade_request(h: &HeaderMap) -> bool {
 /// inserts them ([`Forwarded::apply`]).
 #[derive(Clone, Debug)]
 pub struct Forwarded {
-    request_id: Option<HeaderValue>,
+    /// A generated id, kept as its digits: the HTTP/1.1 client copies them
+    /// into the head, so a request costs no allocation for its id.
+    request_id: Option<RequestId>,
     xff: Option<HeaderValue>,
     proto: HeaderValue,
     host: Option<HeaderValue>,
@@ -141,11 +143,16 @@ impl Forwarded {
             || (name == X_FORWARDED_HOST && self.host.is_some())
     }
 
-    /// The headers to add, in order.
-    pub(crate) fn each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
-        if let Some(v) = &self.request_id {
-            f(&X_REQUEST_ID, v);
+    /// The headers to add, in order, as name and value bytes.
+    pub(crate) fn each(&self, mut f: impl FnMut(&HeaderName, &[u8])) {
+        if let Some(id) = &self.request_id {
+            f(&X_REQUEST_ID, &id.0);
         }
+        self.each_value(|n, v| f(n, v.as_bytes()));
+    }
+
+    /// The headers other than a generated request id, in order.
+    fn each_value(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
         if let Some(v) = &self.xff {
             f(&X_FORWARDED_FOR, v);
         }
@@ -158,14 +165,35 @@ impl Forwarded {
     /// Inserts the headers into `h` (replacing what they replace).
     pub fn apply(&self, h: &mut HeaderMap) {
         h.reserve(4);
-        self.each(|n, v| {
+        if let Some(id) = &self.request_id {
+            // 32 ASCII hex digits are always a valid header value.
+            if let Ok(v) = HeaderValue::from_bytes(&id.0) {
+                h.insert(X_REQUEST_ID.clone(), v);
+            }
+        }
+        self.each_value(|n, v| {
             h.insert(n.clone(), v.clone());
         });
     }
 
     /// The request id the upstream sees, when Spillway made it.
-    pub(crate) fn request_id(&self) -> Option<&HeaderValue> {
-        self.request_id.as_ref()
+    pub(crate) fn request_id(&self) -> Option<&str> {
+        self.request_id
+            .as_ref()
+            .and_then(|id| std::str::from_utf8(&id.0).ok())
+    }
+}
+
+/// A generated request id: 32 lower-case hex digits.
+#[derive(Clone, Copy)]
+struct RequestId([u8; 32]);
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(s) => std::fmt::Debug::fmt(s, f),
+            Err(_) => f.write_str("RequestId(?)"),
+        }
     }
 }
 
@@ -186,15 +214,14 @@ pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// 128 random bits as 32 hex digits.
-fn new_request_id() -> HeaderValue {
+fn new_request_id() -> RequestId {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u128(..);
     let mut buf = [0u8; 32];
     for (i, b) in buf.iter_mut().enumerate() {
         *b = HEX[((n >> (i * 4)) & 0xf) as usize];
     }
-    // 32 ASCII hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    RequestId(buf)
 }
 
 #[cfg(test)]

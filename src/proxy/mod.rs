@@ -738,7 +738,7 @@ fn retry_plan(
         return None;
     }
     state.count_retry(cause.label());
-    tracing::debug!(route = %state.name, request_id = ?prep.fwd.request_id().or(prep.parts.headers.get(&headers::X_REQUEST_ID)), cause = cause.label().as_str(), ?delay, "retrying");
+    tracing::debug!(route = %state.name, request_id = ?prep.fwd.request_id().or_else(|| prep.parts.headers.get(&headers::X_REQUEST_ID).and_then(|v| v.to_str().ok())), cause = cause.label().as_str(), ?delay, "retrying");
     Some(delay)
 }
 
@@ -788,17 +788,14 @@ fn respond(
                         tracing::debug!("tunnel closed at the end of the drain");
                     }
                 }
-                Box::new(guard).finish(BodyOutcome::Complete);
+                guard.finish(BodyOutcome::Complete);
             });
             return Response::from_parts(parts, ProxyBody::empty());
         }
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(
-        parts,
-        ProxyBody::upstream(body, Box::new(guard), idle, ctx.deadline),
-    )
+    Response::from_parts(parts, ProxyBody::upstream(body, guard, idle, ctx.deadline))
 }
 
 /// Copies both ways between the client's upgraded connection and the
@@ -818,7 +815,7 @@ async fn tunnel(
 }
 
 /// Lives as long as the response body; releases permits and records the request.
-struct RequestGuard {
+pub(crate) struct RequestGuard {
     state: Arc<RouteState>,
     _permit: Permit,
     _global: Option<GlobalPermit>,
@@ -828,7 +825,7 @@ struct RequestGuard {
 }
 
 impl BodyGuard for RequestGuard {
-    fn finish(self: Box<Self>, outcome: BodyOutcome) {
+    fn finish(self, outcome: BodyOutcome) {
         let (status, reason) = match outcome {
             BodyOutcome::Complete | BodyOutcome::Error => (self.status, Reason::Upstream),
             BodyOutcome::IdleTimeout => {

@@ -417,7 +417,10 @@ impl<T: Io> Exchange<T> {
     /// The response body for a final head.
     fn body_for(&mut self, head: Head) -> Result<Response<H1Body<T>>, HeadError> {
         let sender = std::mem::replace(&mut self.sender, Sender::finished());
-        let sender = (!sender.done()).then_some(sender);
+        // Boxed: a body still being written when the head arrives is rare,
+        // and inline it would add its size to every response body, which is
+        // moved several times on its way to the client.
+        let sender = (!sender.done()).then(|| Box::new(sender));
         let state = match head.decode {
             Decode::Length(0) => State::Done,
             d => State::Reading(d),
@@ -445,7 +448,7 @@ pub(crate) struct H1Body<T = UpstreamIo> {
     state: State,
     wire: Option<Wire<T>>,
     /// The request body, when it is still being written (full duplex).
-    sender: Option<Sender>,
+    sender: Option<Box<Sender>>,
     keep_alive: bool,
     /// What remains of the chunk-extension budget.
     ext_left: usize,
@@ -469,7 +472,7 @@ pub(crate) struct Upgraded<T = UpstreamIo> {
 }
 
 impl<T: Io> H1Body<T> {
-    fn new(state: State, wire: Wire<T>, sender: Option<Sender>, keep_alive: bool) -> Self {
+    fn new(state: State, wire: Wire<T>, sender: Option<Box<Sender>>, keep_alive: bool) -> Self {
         let mut body = H1Body {
             state,
             wire: Some(wire),

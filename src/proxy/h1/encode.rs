@@ -2,7 +2,7 @@
 
 use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, Method};
 use http_body::Body;
 
 use crate::proxy::headers::Forwarded;
@@ -54,10 +54,10 @@ pub(crate) fn encode_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut put = |n: &HeaderName, v: &HeaderValue| {
+    let mut put = |n: &HeaderName, v: &[u8]| {
         out.extend_from_slice(n.as_str().as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(v);
         out.extend_from_slice(b"\r\n");
     };
     for (n, v) in headers {
@@ -67,7 +67,7 @@ pub(crate) fn encode_head(
         {
             continue;
         }
-        put(n, v);
+        put(n, v.as_bytes());
     }
     if let Some(f) = fwd {
         f.each(&mut put);
@@ -117,6 +117,7 @@ pub(super) fn push_hex(out: &mut BytesMut, mut n: usize) {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use http::HeaderValue;
 
     #[test]
     fn request_heads_carry_spillways_framing() {
