@@ -628,10 +628,12 @@ async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
 }
 
 /// Returns freed heap memory to the OS when traffic pauses. After a burst,
-/// glibc keeps the freed pages resident and hands them out again, so RSS
-/// would stay at the burst's peak; one `malloc_trim(0)` after a quiet second
-/// lets it follow the live connections instead. It runs only while no
-/// request arrives, so it never delays one. A no-op where glibc is absent.
+/// the allocator keeps the freed pages resident and hands them out again, so
+/// RSS would stay at the burst's peak; one trim after a quiet second lets it
+/// follow the live connections instead: `mi_collect(true)` for mimalloc
+/// (whose delayed purge otherwise waits for the next allocation), and
+/// `malloc_trim(0)` for glibc. It runs only while no request arrives, so it
+/// never delays one. jemalloc purges on its own decay clock.
 async fn memory_janitor(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -651,6 +653,14 @@ async fn memory_janitor(shared: Arc<Shared>) {
 }
 
 fn release_free_memory() {
+    #[cfg(feature = "mimalloc")]
+    {
+        // SAFETY: mi_collect only frees pages that hold no live block; it is
+        // callable from any thread at any time.
+        unsafe {
+            libmimalloc_sys::mi_collect(true);
+        }
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: malloc_trim takes the allocator's own locks and only

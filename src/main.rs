@@ -8,6 +8,18 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use spillway::config;
 
+// The binary's heap allocator, chosen at build time (Cargo features; see
+// docs/benchmarks.md, "Allocator", for the measurements behind the default).
+// jemalloc wins when both features are on, so `--features jemalloc` alone
+// switches over; neither feature means the system (glibc) malloc.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "spillway",
