@@ -124,7 +124,7 @@ const COUNT: usize = WAITERS - 1;
 /// Dead slots tolerated beyond the live ones before a queue is compacted.
 const COMPACT_SLACK: usize = 16;
 /// Wakers collected under the lock before they must be woken inline.
-const WAKE_BATCH: usize = 16;
+const WAKE_BATCH: usize = 4;
 /// Most priority classes.
 pub(crate) const MAX_CLASSES: usize = 8;
 /// The key further keys share once `max_keys` are tracked.
@@ -356,6 +356,9 @@ struct Waiter<'a> {
 struct WakeList {
     wakers: [Option<Waker>; WAKE_BATCH],
     len: usize,
+    /// Beyond the first [`WAKE_BATCH`] (a large CoDel shed): allocated only
+    /// then.
+    more: Vec<Waker>,
 }
 
 /// A successful admission.
@@ -1091,7 +1094,11 @@ impl Admission {
         if st.live == 0 {
             st.standing_since = None;
             for class in &mut st.classes {
-                class.keys.clear();
+                // Clearing an empty table that once grew still rewrites
+                // its control bytes: skip it on the uncontended path.
+                if !class.keys.is_empty() {
+                    class.keys.clear();
+                }
                 class.live = 0;
             }
             if self.word.load(Ordering::Acquire) & WAITERS != 0 {
@@ -1506,19 +1513,20 @@ impl Drop for Waiter<'_> {
 impl WakeList {
     fn new() -> Self {
         Self {
-            wakers: std::array::from_fn(|_| None),
+            wakers: [const { None }; WAKE_BATCH],
             len: 0,
+            more: Vec::new(),
         }
     }
 
     fn push(&mut self, waker: Waker) {
-        if self.len == WAKE_BATCH {
-            // Only a large CoDel shed gets here; waking under the lock is
-            // correct, just less polite.
-            self.wake_all();
+        match self.wakers.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some(waker);
+                self.len += 1;
+            }
+            None => self.more.push(waker),
         }
-        self.wakers[self.len] = Some(waker);
-        self.len += 1;
     }
 
     fn wake_all(&mut self) {
@@ -1528,6 +1536,9 @@ impl WakeList {
             }
         }
         self.len = 0;
+        for waker in self.more.drain(..) {
+            waker.wake();
+        }
     }
 }
 
