@@ -284,6 +284,7 @@ impl Upstream {
         let prepared = match &self.client {
             Some(_) => {
                 fwd.apply(req.headers_mut());
+                never_index_request_id(req.headers_mut());
                 Prepared::H2(Box::new(req))
             }
             None => {
@@ -457,6 +458,19 @@ fn breaker_config(b: &crate::config::BreakerSettings) -> BreakerConfig {
         }),
         recovery_timeout: b.recovery_timeout.0,
         half_open_calls: b.half_open_calls,
+    }
+}
+
+/// Marks the request's `x-request-id` as never indexed for HPACK. The value
+/// is unique per request, so indexing it only costs: every request inserted
+/// one more entry into the connection's dynamic table (4 KiB by default),
+/// evicting the constant headers (which then had to be inserted again), and
+/// the encoder walked the ever-longer chain of `x-request-id` entries
+/// comparing values. As a never-indexed literal it costs a few bytes on the
+/// wire and no table work on either side.
+fn never_index_request_id(h: &mut http::HeaderMap) {
+    if let Some(v) = h.get_mut(&super::headers::X_REQUEST_ID) {
+        v.set_sensitive(true);
     }
 }
 
