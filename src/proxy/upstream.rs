@@ -521,3 +521,23 @@ impl Service<Uri> for Connector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_is_never_indexed_and_other_headers_are_left_alone() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-request-id", http::HeaderValue::from_static("abc"));
+        h.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+        never_index_request_id(&mut h);
+        assert!(h["x-request-id"].is_sensitive());
+        assert_eq!(h["x-request-id"], "abc");
+        assert!(!h["x-forwarded-proto"].is_sensitive());
+        // No request id: nothing is added.
+        let mut empty = http::HeaderMap::new();
+        never_index_request_id(&mut empty);
+        assert!(empty.is_empty());
+    }
+}
