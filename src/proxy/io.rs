@@ -18,13 +18,17 @@ pub(crate) enum UpstreamIo {
 
 // === impl UpstreamIo ===
 
+// Only hyper-util's client (HTTP/2 upstreams) asks. No `HttpInfo` extra
+// (what `TcpStream::connected` adds): hyper-util would insert a copy of it
+// into every response's extensions, an allocation per request for addresses
+// nothing reads.
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         match self {
-            UpstreamIo::Plain(tcp) => tcp.connected(),
+            UpstreamIo::Plain(_) => Connected::new(),
             UpstreamIo::Tls(tls) => {
-                let (tcp, conn) = tls.get_ref();
-                let c = tcp.connected();
+                let (_, conn) = tls.get_ref();
+                let c = Connected::new();
                 if conn.alpn_protocol() == Some(b"h2") {
                     c.negotiated_h2()
                 } else {

@@ -284,6 +284,7 @@ impl Upstream {
         let prepared = match &self.client {
             Some(_) => {
                 fwd.apply(req.headers_mut());
+                never_index_request_id(req.headers_mut());
                 Prepared::H2(Box::new(req))
             }
             None => {
@@ -460,6 +461,19 @@ fn breaker_config(b: &crate::config::BreakerSettings) -> BreakerConfig {
     }
 }
 
+/// Marks the request's `x-request-id` as never indexed for HPACK. The value
+/// is unique per request, so indexing it only costs: every request inserted
+/// one more entry into the connection's dynamic table (4 KiB by default),
+/// evicting the constant headers (which then had to be inserted again), and
+/// the encoder walked the ever-longer chain of `x-request-id` entries
+/// comparing values. As a never-indexed literal it costs a few bytes on the
+/// wire and no table work on either side.
+fn never_index_request_id(h: &mut http::HeaderMap) {
+    if let Some(v) = h.get_mut(&super::headers::X_REQUEST_ID) {
+        v.set_sensitive(true);
+    }
+}
+
 /// "a: b: c" from an error and its sources, for logs.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
@@ -505,5 +519,25 @@ impl Service<Uri> for Connector {
             let _ = CONNECT_STAGE.try_with(|h| h.observe(start.elapsed().as_secs_f64()));
             res
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_is_never_indexed_and_other_headers_are_left_alone() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-request-id", http::HeaderValue::from_static("abc"));
+        h.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+        never_index_request_id(&mut h);
+        assert!(h["x-request-id"].is_sensitive());
+        assert_eq!(h["x-request-id"], "abc");
+        assert!(!h["x-forwarded-proto"].is_sensitive());
+        // No request id: nothing is added.
+        let mut empty = http::HeaderMap::new();
+        never_index_request_id(&mut empty);
+        assert!(empty.is_empty());
     }
 }
