@@ -124,7 +124,6 @@ const COUNT: usize = WAITERS - 1;
 /// Dead slots tolerated beyond the live ones before a queue is compacted.
 const COMPACT_SLACK: usize = 16;
 /// Wakers collected under the lock before they must be woken inline.
-const WAKE_BATCH: usize = 4;
 /// Most priority classes.
 pub(crate) const MAX_CLASSES: usize = 8;
 /// The key further keys share once `max_keys` are tracked.
@@ -354,10 +353,10 @@ struct Waiter<'a> {
 
 /// Wakers gathered under the lock and woken after it is released.
 struct WakeList {
-    wakers: [Option<Waker>; WAKE_BATCH],
-    len: usize,
-    /// Beyond the first [`WAKE_BATCH`] (a large CoDel shed): allocated only
-    /// then.
+    /// The one waiter most hand-offs wake.
+    first: Option<Waker>,
+    /// Any further ones (a CoDel shed, a reload admitting several): allocated
+    /// only then.
     more: Vec<Waker>,
 }
 
@@ -743,7 +742,8 @@ impl Admission {
         }
         let mut expired = false;
         let max_wait = st.limits.max_wait;
-        let threshold = st.threshold(ticket.class);
+        // Published by every change of limits or policy, under this lock.
+        let threshold = self.thresholds[ticket.class.min(MAX_CLASSES - 1)].load(Ordering::Acquire);
         let mut displaced = None;
         let mut shed = false;
         let mut cur = self.word.load(Ordering::Acquire);
@@ -1513,31 +1513,29 @@ impl Drop for Waiter<'_> {
 impl WakeList {
     fn new() -> Self {
         Self {
-            wakers: [const { None }; WAKE_BATCH],
-            len: 0,
+            first: None,
             more: Vec::new(),
         }
     }
 
     fn push(&mut self, waker: Waker) {
-        match self.wakers.get_mut(self.len) {
-            Some(slot) => {
-                *slot = Some(waker);
-                self.len += 1;
-            }
-            None => self.more.push(waker),
+        if self.first.is_none() {
+            self.first = Some(waker);
+        } else {
+            self.more.push(waker);
         }
     }
 
     fn wake_all(&mut self) {
-        for waker in self.wakers[..self.len].iter_mut() {
-            if let Some(waker) = waker.take() {
+        // `more` fills only once `first` is taken.
+        let Some(first) = self.first.take() else {
+            return;
+        };
+        first.wake();
+        if !self.more.is_empty() {
+            for waker in self.more.drain(..) {
                 waker.wake();
             }
-        }
-        self.len = 0;
-        for waker in self.more.drain(..) {
-            waker.wake();
         }
     }
 }
