@@ -131,7 +131,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     tracing::info!(%admin_addr, "admin listening");
     tasks.spawn(admin::sample(admin_state.clone()));
     tasks.spawn(admin::serve(admin_tcp, admin_state, admin_conns));
-    tasks.spawn(memory_janitor(shared.clone()));
+    tasks.spawn(memory_janitor(shared.clone(), conns.clone()));
 
     let supervisor = tokio::spawn(supervise(shared, conns, tasks, config.clone()));
     Ok(RunningProxy {
@@ -632,16 +632,22 @@ async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
 /// RSS would stay at the burst's peak; one trim after a quiet second lets it
 /// follow the live connections instead: `mi_collect(true)` for mimalloc
 /// (whose delayed purge otherwise waits for the next allocation), and
-/// `malloc_trim(0)` for glibc. It runs only while no request arrives, so it
+/// `malloc_trim(0)` for glibc. Quiet means no request arrived and the number
+/// of open client connections did not change for a second: many keep-alive
+/// connections closing at once free their buffers without any request, and
+/// are followed by a trim too. It runs only while no request arrives, so it
 /// never delays one. jemalloc purges on its own decay clock.
-async fn memory_janitor(shared: Arc<Shared>) {
+async fn memory_janitor(shared: Arc<Shared>, conns: Arc<Tracker>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = u64::MAX;
+    let mut seen = (u64::MAX, usize::MAX);
     let mut trimmed = true;
     loop {
         tick.tick().await;
-        let now = shared.requests.load(std::sync::atomic::Ordering::Relaxed);
+        let now = (
+            shared.requests.load(std::sync::atomic::Ordering::Relaxed),
+            conns.count(),
+        );
         if now != seen {
             seen = now;
             trimmed = false;

@@ -27,7 +27,6 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -265,11 +264,12 @@ impl Proto {
     }
 }
 
-/// The listener's HTTP builders, one per [`Proto`]. A connection limited to
-/// one protocol gets hyper's own builder for it: hyper-util's auto builder
-/// ignores `http1_only` / `http2_only` when serving with upgrades.
+/// The listener's HTTP builders. `auto` connections are told apart here (see
+/// [`HeadClock::poll_sniff`]) and then served by one of the two, instead of
+/// by hyper-util's auto connection: its future holds the HTTP/2 connection
+/// state inline, so every idle HTTP/1.1 connection carried it; here an
+/// HTTP/2 connection's state is boxed and only h2 connections pay for it.
 struct Builders {
-    auto: Builder<TokioExecutor>,
     h1: hyper::server::conn::http1::Builder,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
@@ -277,21 +277,10 @@ struct Builders {
 impl Builders {
     fn new(cfg: &ListenerConfig) -> Self {
         let header_list = cfg.max_header_bytes.0.min(u64::from(u32::MAX)) as u32;
-        let mut auto = Builder::new(TokioExecutor::new());
         // No `header_read_timeout`: hyper starts it whenever it waits for a
         // head, so it also closed keep-alive connections that were merely
         // idle (after request_header_timeout instead of idle_timeout), and
         // it armed a boxed timer per request. `HeadClock` replaces it.
-        auto.http1()
-            .max_buf_size(cfg.max_header_bytes.0 as usize)
-            .keep_alive(true);
-        auto.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(header_list)
-            .max_concurrent_streams(1024)
-            .max_pending_accept_reset_streams(256)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
         let mut h1 = hyper::server::conn::http1::Builder::new();
         h1.max_buf_size(cfg.max_header_bytes.0 as usize)
             .keep_alive(true);
@@ -302,7 +291,7 @@ impl Builders {
             .max_pending_accept_reset_streams(256)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
-        Builders { auto, h1, h2 }
+        Builders { h1, h2 }
     }
 }
 
@@ -386,7 +375,15 @@ struct HeadClock<S> {
     /// A read returned EOF or failed: the client sends nothing more.
     read_done: bool,
     back: Option<oneshot::Sender<S>>,
+    /// `auto`: the first bytes, read to tell HTTP/1.1 from the HTTP/2
+    /// preface, replayed to hyper before the stream is read again.
+    sniffed: [u8; H2_PREFACE.len()],
+    sniffed_len: u8,
+    replayed: u8,
 }
+
+/// What an h2c prior-knowledge client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<S> HeadClock<S> {
     fn new(inner: S, act: Arc<Activity>, back: oneshot::Sender<S>) -> Self {
@@ -397,7 +394,60 @@ impl<S> HeadClock<S> {
             answered: false,
             read_done: false,
             back: Some(back),
+            sniffed: [0; H2_PREFACE.len()],
+            sniffed_len: 0,
+            replayed: 0,
         }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HeadClock<S> {
+    /// `auto`: reads until the bytes stop matching the HTTP/2 preface (or
+    /// the client closes): `true` for HTTP/2. What was read is replayed to
+    /// hyper. Reads go through [`AsyncRead::poll_read`], so the head clock
+    /// and the 408 apply to these bytes as to any others.
+    fn poll_sniff(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<bool>> {
+        loop {
+            let len = usize::from(self.sniffed_len);
+            if len == H2_PREFACE.len() {
+                return Poll::Ready(Ok(true));
+            }
+            let mut chunk = [0u8; H2_PREFACE.len()];
+            let mut buf = ReadBuf::new(&mut chunk[..H2_PREFACE.len() - len]);
+            std::task::ready!(Pin::new(&mut *self).poll_read(cx, &mut buf))?;
+            let got = buf.filled();
+            if got.is_empty() {
+                return Poll::Ready(Ok(false));
+            }
+            self.sniffed[len..len + got.len()].copy_from_slice(got);
+            self.sniffed_len = (len + got.len()) as u8;
+            if got != &H2_PREFACE[len..len + got.len()] {
+                return Poll::Ready(Ok(false));
+            }
+        }
+    }
+}
+
+/// Drives [`HeadClock::poll_sniff`] under a [`Watch`]; cancelled (the
+/// connection closes) by the drain or the idle timeout, as hyper's own
+/// connections are closed gracefully.
+struct Sniff<'a, S> {
+    io: &'a mut HeadClock<S>,
+    cancelled: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for Sniff<'_, S> {
+    type Output = io::Result<bool>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.cancelled {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "closed before the first request",
+            )));
+        }
+        this.io.poll_sniff(cx)
     }
 }
 
@@ -428,6 +478,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadClock<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.replayed < this.sniffed_len {
+            let rest = &this.sniffed[usize::from(this.replayed)..usize::from(this.sniffed_len)];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n as u8;
+            // What has arrived since goes into the same read: hyper grows
+            // (doubles) its read buffer when a read leaves a partial head in
+            // it, and the replayed bytes alone are one.
+            if buf.remaining() > 0 {
+                let _ = this.poll_read_stream(cx, buf);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_read_stream(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> HeadClock<S> {
+    /// Reads from the client stream itself (see [`AsyncRead::poll_read`]).
+    fn poll_read_stream(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(Err(dropped()));
         };
@@ -532,7 +607,7 @@ impl Connection {
             activity.head_clock_off.store(true, Ordering::Relaxed);
         }
         let (back, mut returned) = oneshot::channel();
-        let io = TokioIo::new(HeadClock::new(stream, activity.clone(), back));
+        let mut stream = HeadClock::new(stream, activity.clone(), back);
         let shared = self.shared.clone();
         let act = activity.clone();
         let strip = self.strip.clone();
@@ -569,20 +644,35 @@ impl Connection {
             head: self.head_timeout,
         };
         let b = &self.builders;
-        match proto {
+        let h2 = match proto {
             Proto::Auto => {
-                let conn = b.auto.serve_connection_with_upgrades(io, svc);
-                watch.drive(conn, |c| c.graceful_shutdown()).await
+                let sniff = std::pin::pin!(Sniff {
+                    io: &mut stream,
+                    cancelled: false,
+                });
+                watch.drive(sniff, |s| s.get_mut().cancelled = true).await
             }
-            Proto::Http1 => {
-                let conn = b.h1.serve_connection(io, svc).with_upgrades();
-                watch.drive(conn, |c| c.graceful_shutdown()).await
+            Proto::Http1 => Some(false),
+            Proto::Http2 => Some(true),
+        };
+        let io = TokioIo::new(stream);
+        match h2 {
+            // Closed, failed or timed out before the first request; dropping
+            // `io` hands the stream back for the lingering close.
+            None => drop(io),
+            // The connection is pinned where it is built and driven by
+            // reference: an async fn's moved-from locals keep their space in
+            // the task for as long as their scope spans an await, so passing
+            // it by value stored it twice in every connection's task.
+            Some(false) => {
+                let conn = std::pin::pin!(b.h1.serve_connection(io, svc).with_upgrades());
+                watch.drive(conn, |c| c.graceful_shutdown()).await;
             }
-            Proto::Http2 => {
-                let conn = b.h2.serve_connection(io, svc);
+            Some(true) => {
                 // Boxed: an HTTP/2 connection's state is large and only h2
                 // connections should pay for it.
-                Box::pin(watch.drive(conn, |c| c.graceful_shutdown())).await
+                let mut conn = Box::pin(b.h2.serve_connection(io, svc));
+                watch.drive(conn.as_mut(), |c| c.graceful_shutdown()).await;
             }
         }
         // hyper has dropped the stream (the connection future is gone); it is
@@ -618,15 +708,19 @@ struct Watch {
 impl Watch {
     /// Runs `conn` to its end: graceful close (`Connection: close` / GOAWAY)
     /// once the drain stops accepting or the connection is idle, and dropped
-    /// outright when the drain timeout has expired.
-    async fn drive<C, E>(self, conn: C, graceful: impl Fn(Pin<&mut C>))
+    /// outright when the drain timeout has expired. `None` when it failed or
+    /// was dropped.
+    async fn drive<C, T, E>(
+        &self,
+        mut conn: Pin<&mut C>,
+        graceful: impl Fn(Pin<&mut C>),
+    ) -> Option<T>
     where
-        C: Future<Output = Result<(), E>>,
+        C: Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
-        tokio::pin!(conn);
         let act = self.activity.clone();
-        let idle = idle_watch(self.activity, self.idle, self.head);
+        let idle = idle_watch(self.activity.clone(), self.idle, self.head);
         tokio::pin!(idle);
         let shutdown = &self.shared.shutdown;
         let mut registered: Option<PhaseWaker> = None;
@@ -642,14 +736,14 @@ impl Watch {
                 // The drain timeout expired: whatever is still open is closed now
                 // (dropping the connection cancels its requests and frees their permits).
                 tracing::debug!("drain timeout: closing a connection still in use");
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(None);
             }
             if !closing && phase >= Phase::Stopping {
                 closing = true;
                 graceful(conn.as_mut());
             }
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                return Poll::Ready(res);
+                return Poll::Ready(Some(res));
             }
             if !closing {
                 match idle.as_mut().poll(cx) {
@@ -657,22 +751,26 @@ impl Watch {
                     Poll::Ready(Watched::Idle) => {
                         closing = true;
                         graceful(conn.as_mut());
-                        return conn.as_mut().poll(cx);
+                        return conn.as_mut().poll(cx).map(Some);
                     }
                     Poll::Ready(Watched::SlowHead) => {
                         // The stream answers 408 and fails on hyper's next read.
                         closing = true;
                         act.head_timed_out.store(true, Ordering::Relaxed);
                         tracing::debug!("request head not complete in time: 408");
-                        return conn.as_mut().poll(cx);
+                        return conn.as_mut().poll(cx).map(Some);
                     }
                 }
             }
             Poll::Pending
         })
-        .await;
-        if let Err(e) = res {
-            tracing::debug!(error = %e, "client connection ended with an error");
+        .await?;
+        match res {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::debug!(error = %e, "client connection ended with an error");
+                None
+            }
         }
     }
 }
