@@ -404,17 +404,22 @@ impl<S> HeadClock<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> HeadClock<S> {
     /// `auto`: reads until the bytes stop matching the HTTP/2 preface (or
     /// the client closes): `true` for HTTP/2. What was read is replayed to
-    /// hyper. Reads go through [`AsyncRead::poll_read`], so the head clock
-    /// and the 408 apply to these bytes as to any others.
+    /// hyper. Reads go through [`HeadClock::poll_read_stream`] (not
+    /// `poll_read`, which would replay what was already sniffed), so the
+    /// head clock and the 408 apply to these bytes as to any others. The
+    /// preface may arrive in any number of reads.
     fn poll_sniff(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<bool>> {
         loop {
             let len = usize::from(self.sniffed_len);
             if len == H2_PREFACE.len() {
+                // HTTP/2 has no request head to time: however the preface
+                // was split, the head clock stops here.
+                self.act.head_clock_off.store(true, Ordering::Relaxed);
                 return Poll::Ready(Ok(true));
             }
             let mut chunk = [0u8; H2_PREFACE.len()];
             let mut buf = ReadBuf::new(&mut chunk[..H2_PREFACE.len() - len]);
-            std::task::ready!(Pin::new(&mut *self).poll_read(cx, &mut buf))?;
+            std::task::ready!(self.poll_read_stream(cx, &mut buf))?;
             let got = buf.filled();
             if got.is_empty() {
                 return Poll::Ready(Ok(false));
