@@ -88,21 +88,9 @@ async fn h2c_preface_split_anywhere_is_h2c() {
             assert_eq!(frame[3], 4, "split at {split}: first frame is SETTINGS");
         }
         // And a whole exchange on one connection, preface in single bytes.
-        let tcp = TcpStream::connect(h.addr()).await.expect("connect");
-        tcp.set_nodelay(true).expect("nodelay");
-        let io = hyper_util::rt::TokioIo::new(OneByteWrites::new(tcp, PREFACE.len()));
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .expect("h2c handshake");
-        let driver = tokio::spawn(conn);
+        let (mut sender, driver) = h2c_one_byte_preface(&h).await;
         let resp = sender
-            .send_request(
-                Request::get("http://app.test/x")
-                    .version(Version::HTTP_2)
-                    .body(empty())
-                    .expect("req"),
-            )
+            .send_request(h2_get("/x"))
             .await
             .expect("h2c request");
         assert_eq!(resp.status(), StatusCode::OK);
@@ -117,26 +105,13 @@ async fn h2c_with_a_split_preface_outlives_the_header_timeout() {
     within(60, "test", async {
         let fake = FakeUpstream::ok().await;
         let h = proxy_with(&fake, "    request_header_timeout: 300ms").await;
-        let tcp = TcpStream::connect(h.addr()).await.expect("connect");
-        tcp.set_nodelay(true).expect("nodelay");
-        let io = hyper_util::rt::TokioIo::new(OneByteWrites::new(tcp, PREFACE.len()));
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .expect("h2c handshake");
-        let driver = tokio::spawn(conn);
-        let get = |path: &str| {
-            Request::get(format!("http://app.test{path}"))
-                .version(Version::HTTP_2)
-                .body(empty())
-                .expect("req")
-        };
-        let resp = sender.send_request(get("/a")).await.expect("first");
+        let (mut sender, driver) = h2c_one_byte_preface(&h).await;
+        let resp = sender.send_request(h2_get("/a")).await.expect("first");
         assert_eq!(resp.status(), StatusCode::OK);
         // Idle past the header timeout: an h2c connection has no head to time.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let resp = sender
-            .send_request(get("/b"))
+            .send_request(h2_get("/b"))
             .await
             .expect("idle h2c connection was closed");
         assert_eq!(resp.status(), StatusCode::OK);
@@ -144,6 +119,30 @@ async fn h2c_with_a_split_preface_outlives_the_header_timeout() {
         let _ = driver.await;
     })
     .await
+}
+
+/// An h2c connection to the proxy whose preface goes out one byte per write.
+async fn h2c_one_byte_preface(
+    h: &ProxyHarness,
+) -> (
+    hyper::client::conn::http2::SendRequest<Body>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = TcpStream::connect(h.addr()).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let io = hyper_util::rt::TokioIo::new(OneByteWrites::new(tcp, PREFACE.len()));
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2c handshake");
+    (sender, tokio::spawn(conn))
+}
+
+fn h2_get(path: &str) -> Request<Body> {
+    Request::get(format!("http://app.test{path}"))
+        .version(Version::HTTP_2)
+        .body(empty())
+        .expect("req")
 }
 
 /// Writes the first `n` bytes one per `poll_write`, each flushed.
