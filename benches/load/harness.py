@@ -12,6 +12,7 @@ usage: harness.py core|overload|priority|all      (run.sh is the entry point)
 Environment: see README.md (ROUNDS, DURATION, UPSTREAM, TARGETS, GEN_CPU,
 APP_CPU, SPILLWAY_BIN, OHA_BIN, KEEP_WORK).
 """
+import contextlib
 import json
 import os
 import platform
@@ -767,6 +768,11 @@ def render_overload(res, notes, kind, targets):
 PRIO_DURATION = int(os.environ.get("PRIO_DURATION", "20"))
 CAL_DURATION = int(os.environ.get("CAL_DURATION", "10"))
 PRIO_RESERVED = os.environ.get("PRIO_RESERVED", "25%")
+# The cap each proxy puts on requests at the upstream (HAProxy maxconn, nginx
+# max_conns, Spillway max_in_flight). The default equals the upstream's 8
+# servers; one more keeps the next request waiting inside the upstream, so no
+# server idles between a response and the proxy's next request.
+PRIO_CAP = int(os.environ.get("PRIO_CAP", str(CAPACITY)))
 PRIO_PARTS = os.environ.get("PRIO_PARTS", "priority,fairness,shadow").split(",")
 PRIO_TARGETS = ["haproxy", "nginx", "spillway"]
 PRIO_STREAMS = {
@@ -813,15 +819,21 @@ def start_prio_proxy(target, part, up_port):
     if target == "nginx":
         nginx_prepare("nginx-overload")
         conf = render("nginx-overload.conf", "nginx-overload.conf", PORT=port, UPSTREAM=up)
+        with open(conf) as f:
+            text = f.read()
+        if f"max_conns={CAPACITY};" not in text:
+            raise RuntimeError("nginx-overload.conf changed shape; cannot set the cap")
+        with open(conf, "w") as f:
+            f.write(text.replace(f"max_conns={CAPACITY};", f"max_conns={PRIO_CAP};"))
         argv = nginx_argv(conf)
     elif target == "haproxy":
         conf = render("haproxy-priority.cfg", f"haproxy-{part}.cfg", PORT=port, UPSTREAM=up,
-                      RULES=HAPROXY_RULES[part])
+                      RULES=HAPROXY_RULES[part], CAP=PRIO_CAP)
         argv = ["haproxy", "-db", "-f", conf]
     else:
         admin = free_port()
         conf = render("spillway-priority.yaml", f"{target}.yaml", PORT=port, ADMIN_PORT=admin,
-                      UPSTREAM=up, POLICY=spillway_policy("shadow" if target == "spillway-shadow"
+                      UPSTREAM=up, CAP=PRIO_CAP, POLICY=spillway_policy("shadow" if target == "spillway-shadow"
                                              else "priority" if part == "shadow" else part))
         argv = [SPILLWAY, "run", "--config", conf]
     err = check_config(target, argv)
@@ -941,6 +953,73 @@ def run_streams(port, streams, duration):
     return results
 
 
+# PRIO_CAPTURE=1: capture the proxy's loopback traffic with dumpcap and read,
+# per stream and per answer (2xx, or status + x-spillway-reason), how long the
+# proxy took from each request to its response (tshark's http.time). oha
+# gives one latency percentile over all non-2xx answers; this splits a
+# rejection answered at once from one answered after it waited in the queue.
+PRIO_CAPTURE = os.environ.get("PRIO_CAPTURE", "0") == "1"
+CAPTURE_SNAPLEN = 600  # request and response heads fit; bodies are not needed
+
+
+class Capture:
+    def __init__(self, name, port):
+        self.port, self.path = port, os.path.join(WORK, name + ".pcapng")
+        self.p = None
+
+    def __enter__(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+        self.p = start("dumpcap-" + os.path.basename(self.path),
+                       ["dumpcap", "-q", "-i", "lo", "-s", str(CAPTURE_SNAPLEN), "-B", "64",
+                        "-f", f"tcp port {self.port}", "-w", self.path], GEN_CPU)
+        deadline = time.time() + 10
+        while not os.path.exists(self.path) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # dumpcap opens the file before the capture is live
+        return self
+
+    def __exit__(self, *exc):
+        stop(self.p, grace=5.0)
+
+    def latencies(self, headers):
+        """{stream name: {answer: [seconds]}}; a stream is told apart by its header line."""
+        argv = ["tshark", "-r", self.path, "-d", f"tcp.port=={self.port},http", "-T", "fields",
+                "-E", "separator=\t", "-E", "occurrence=a", "-E", "aggregator=|",
+                "-Y", "http", "-e", "tcp.stream", "-e", "http.request.method", "-e", "http.time",
+                "-e", "http.response.code", "-e", "http.request.line", "-e", "http.response.line"]
+        rc, out = run_bounded("tshark", argv, GEN_CPU, 600)
+        if rc != 0:
+            raise RuntimeError(f"tshark failed (rc={rc}): {out[-500:]}")
+        stream_of, answers = {}, []
+        for line in out.splitlines():
+            f = (line.split("\t") + [""] * 6)[:6]
+            tcp, is_req, t, code, req_lines, resp_lines = f
+            if is_req:
+                for name, h in headers.items():
+                    if h.lower() in req_lines.lower():
+                        stream_of[tcp] = name
+            elif code and t:
+                reason = ""
+                for h in resp_lines.split("|"):
+                    if h.lower().startswith("x-spillway-reason:"):
+                        # tshark prints each header line with its end as the text "\\r\\n"
+                        reason = h.split(":", 1)[1].replace("\\r\\n", "").strip()
+                answers.append((tcp, "2xx" if code.startswith("2") else f"{code} {reason}".strip(),
+                                float(t)))
+        res = {}
+        for tcp, answer, t in answers:
+            name = stream_of.get(tcp)
+            if name:
+                res.setdefault(name, {}).setdefault(answer, []).append(t)
+        return res
+
+
+def pct(vals, q):
+    vals = sorted(vals)
+    return vals[min(len(vals) - 1, int(q * len(vals)))] if vals else None
+
+
 def calibrate(kind):
     """The simulated upstream's real capacity: closed loop straight at it, kept saturated."""
     up = None
@@ -962,10 +1041,18 @@ def prio_case(kind, part, target, rnd, notes):
         proxy, port, admin = start_prio_proxy(target, part, up_port)
         before = parse_metrics(admin) if admin else {}
         load_before = loadavg()[0]
-        with MetricsSampler(admin) as ms, RssSampler(proxy.pid) as rs:
+        cap = Capture(f"{part}-{target}-{rnd}", port) if PRIO_CAPTURE else contextlib.nullcontext()
+        with MetricsSampler(admin) as ms, RssSampler(proxy.pid) as rs, cap:
             streams = run_streams(port, PRIO_STREAMS[part], PRIO_DURATION)
         after = parse_metrics(admin) if admin else {}
-        r = {"round": rnd, "target": target, "loadavg": load_before, "streams": streams,
+        answers = {}
+        if PRIO_CAPTURE:
+            lat = cap.latencies({n: h.split(":")[0] + ": " + h.split(":", 1)[1].strip()
+                                 for n, _, h, _ in PRIO_STREAMS[part]})
+            answers = {n: {a: {"n": len(v), "p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3}
+                           for a, v in by.items()} for n, by in lat.items()}
+            say(f"   proxy answer times from the capture: {answers}")
+        r = {"round": rnd, "target": target, "loadavg": load_before, "streams": streams, "answers": answers,
              "goodput": sum(s["goodput"] for s in streams.values()),
              "upstream": upstream_stats(up_port), "rss_peak_kib": rs.peak, "peaks": ms.peaks}
         if admin:
@@ -1003,7 +1090,7 @@ def prio_case(kind, part, target, rnd, notes):
 def priority():
     kind = upstream_kind("overload")
     entry = {"scenario": "priority", "upstream": kind, "rounds": ROUNDS, "duration": PRIO_DURATION,
-             "reserved": PRIO_RESERVED, "cal_duration": CAL_DURATION, "parts": {}, "capacity": [], "notes": [],
+             "reserved": PRIO_RESERVED, "cap": PRIO_CAP, "cal_duration": CAL_DURATION, "parts": {}, "capacity": [], "notes": [],
              "start_load": loadavg()}
     global START_LOAD
     START_LOAD = entry["start_load"]
@@ -1041,11 +1128,13 @@ def render_priority(entry):
            machine_description(f"`{entry['upstream']}` --capacity {CAPACITY} --service-time {SERVICE_MS}ms"),
            f"- measured upstream capacity (oha -c {2 * CAPACITY} closed loop straight at it, {entry.get('cal_duration', CAL_DURATION)} s): "
            + fmt(caps) + " req/s",
-           f"- limits: 8 at the upstream, queue 16, 200 ms max wait. Spillway `max_in_flight: 8`, "
+           f"- limits: {entry.get('cap', CAPACITY)} at the upstream, queue 16, 200 ms max wait. Spillway "
+           f"`max_in_flight: {entry.get('cap', CAPACITY)}`, "
            f"`queue: {{max_depth: 16, max_wait: 200ms}}`; priority `classes: [critical, default, sheddable]`, "
            f"`reserved: {{critical: {entry['reserved']}}}`; fairness `key: {{header: x-tenant-id}}`. HAProxy "
-           "`maxconn 8`, `timeout queue 200ms`, deny at queue 16, `set-priority-class` critical -1 / sheddable 1 "
-           "(priority part only). nginx `max_conns=8` (no queue, no priority, no fairness: 502 when 8 are busy)",
+           f"`maxconn {entry.get('cap', CAPACITY)}`, `timeout queue 200ms`, deny at queue 16, "
+           "`set-priority-class` critical -1 / sheddable 1 (priority part only). nginx "
+           f"`max_conns={entry.get('cap', CAPACITY)}` (no queue, no priority, no fairness: 502 when all are busy)",
            f"- load: one open-loop oha per stream (`-q RATE --latency-correction`), all at once, {dur} s; "
            "success = 2xx / requests answered; latencies of 2xx and of everything else "
            "(`--stats-success-breakdown`)", ""]
@@ -1094,6 +1183,22 @@ def render_priority(entry):
                 f"load average (1/5/15 min) before: {' '.join(p['load']['before'])}, after: "
                 f"{' '.join(p['load']['after'])}", "",
                 table(hdr, stream_rows(res, targets, names)), ""]
+        cap_rows = []
+        for t in targets:
+            for n in names:
+                by = {}
+                for r in res:
+                    if r["target"] == t:
+                        for a, v in (r.get("answers") or {}).get(n, {}).items():
+                            by.setdefault(a, []).append(v)
+                for a in sorted(by):
+                    vs = by[a]
+                    cap_rows.append([t, n, a, fmt([v["n"] / dur for v in vs]), fmt([v["p50_ms"] for v in vs], "{:.2f}"),
+                                     fmt([v["p99_ms"] for v in vs], "{:.2f}")])
+        if cap_rows:
+            out += ["Per answer, from a loopback capture (`PRIO_CAPTURE=1`: dumpcap, then tshark's "
+                    "`http.time`, the proxy's time from each request to its response):", "",
+                    table(["target", "stream", "answer", "per s", "p50 ms", "p99 ms"], cap_rows), ""]
         sp = [r for r in res if r["target"] == "spillway"]
         if sp:
             out += ["Spillway's own counters per run (median): rejections by reason "
@@ -1130,7 +1235,7 @@ def render_priority(entry):
                          f"{enforced / e_sent * 100:.1f}% / {would / s_sent * 100:.1f}%" if e_sent and s_sent else "n/a",
                          f"{(s['upstream'] or {}).get('peak_concurrency', 'n/a')}"])
         out += ["### Shadow mode vs enforce: the priority run at 4x the cap, back to back", "",
-                f"Same streams and Spillway config as the priority run (limit {CAPACITY}, queue 16, 200 ms), "
+                f"Same streams and Spillway config as the priority run (limit {entry.get('cap', CAPACITY)}, queue 16, 200 ms), "
                 f"in front of an upstream of capacity {SHADOW_CAPACITY} x {SERVICE_MS} ms, which takes all "
                 "that shadow mode lets through; enforce sheds include `queue_timeout`, which shadow mode "
                 "does not count (a virtual waiter that would have timed out was already counted as `queue`).", "",

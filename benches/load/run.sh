@@ -25,6 +25,10 @@ missing=()
 for tool in wrk nginx haproxy taskset python3 h2load; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# PRIO_CAPTURE=1 (priority scenario) reads answer times from a loopback capture
+if [ "${PRIO_CAPTURE:-0}" = 1 ] && ! command -v tshark >/dev/null 2>&1; then
+  missing+=(tshark)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   pkgs=()
   for tool in "${missing[@]}"; do
