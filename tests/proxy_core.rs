@@ -1077,16 +1077,6 @@ async fn oversized_headers_get_431() {
     .await
 }
 
-/// A proxy with one catch-all route to `fake`, and `listener` added to its listener.
-async fn one_route_proxy(fake: &FakeUpstream, listener: &str) -> ProxyHarness {
-    let yaml = yaml_with(
-        listener,
-        &upstream_yaml("app", fake.addr(), ""),
-        &route_yaml("all", "      path_prefix: /", "app", ""),
-    );
-    ProxyHarness::start(&yaml).await
-}
-
 /// GET `path` on a raw keep-alive connection: 200 with the fake's `ok`.
 async fn get_ok(c: &mut RawConn, path: &str) {
     c.send(format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes())

@@ -14,19 +14,6 @@ use tokio::net::TcpStream;
 /// The HTTP/2 client preface, 24 bytes.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-async fn proxy(fake: &FakeUpstream) -> ProxyHarness {
-    proxy_with(fake, "").await
-}
-
-async fn proxy_with(fake: &FakeUpstream, listener: &str) -> ProxyHarness {
-    let yaml = yaml_with(
-        listener,
-        &upstream_yaml("app", fake.addr(), ""),
-        &route_yaml("all", "      path_prefix: /", "app", ""),
-    );
-    ProxyHarness::start(&yaml).await
-}
-
 /// Writes `bytes[..split]`, lets the proxy read it on its own, then the rest.
 async fn send_split(tcp: &mut TcpStream, bytes: &[u8], split: usize) {
     tcp.write_all(&bytes[..split]).await.expect("write head");
@@ -41,7 +28,7 @@ async fn send_split(tcp: &mut TcpStream, bytes: &[u8], split: usize) {
 async fn http1_split_anywhere_in_the_first_24_bytes_is_http1() {
     within(120, "test", async {
         let fake = FakeUpstream::ok().await;
-        let h = proxy(&fake).await;
+        let h = one_route_proxy(&fake, "").await;
         // Starts like the preface for 4 bytes, so detection must read on.
         let req = b"PRIX / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
         let plain = b"GET /a HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
@@ -70,7 +57,7 @@ async fn http1_split_anywhere_in_the_first_24_bytes_is_http1() {
 async fn h2c_preface_split_anywhere_is_h2c() {
     within(120, "test", async {
         let fake = FakeUpstream::ok().await;
-        let h = proxy(&fake).await;
+        let h = one_route_proxy(&fake, "").await;
         for split in 1..PREFACE.len() {
             let mut tcp = TcpStream::connect(h.addr()).await.expect("connect");
             tcp.set_nodelay(true).expect("nodelay");
@@ -104,7 +91,7 @@ async fn h2c_preface_split_anywhere_is_h2c() {
 async fn h2c_with_a_split_preface_outlives_the_header_timeout() {
     within(60, "test", async {
         let fake = FakeUpstream::ok().await;
-        let h = proxy_with(&fake, "    request_header_timeout: 300ms").await;
+        let h = one_route_proxy(&fake, "    request_header_timeout: 300ms").await;
         let (mut sender, driver) = h2c_one_byte_preface(&h).await;
         let resp = sender.send_request(h2_get("/a")).await.expect("first");
         assert_eq!(resp.status(), StatusCode::OK);

@@ -1169,6 +1169,17 @@ pub fn route_yaml(name: &str, match_lines: &str, upstream: &str, extra: &str) ->
     format!("  - name: {name}\n    match:\n{match_lines}\n    upstream: {upstream}\n{extra}")
 }
 
+/// Spillway with one route `all` (every path) to `fake`, the listener given
+/// `listener_extra` lines (e.g. "    request_header_timeout: 300ms").
+pub async fn one_route_proxy(fake: &FakeUpstream, listener_extra: &str) -> ProxyHarness {
+    let yaml = yaml_with(
+        listener_extra,
+        &upstream_yaml("app", fake.addr(), ""),
+        &route_yaml("all", "      path_prefix: /", "app", ""),
+    );
+    ProxyHarness::start(&yaml).await
+}
+
 /// Spillway started in-process.
 pub struct ProxyHarness {
     proxy: Option<spillway::RunningProxy>,
