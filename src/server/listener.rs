@@ -912,20 +912,23 @@ impl Watch {
         let act = &self.activity;
         let mut park = Some(PARK_AFTER);
         loop {
-            // Boxed, and built from the box's fields in one expression (see
-            // `Connection::run`): a parked connection holds none of it.
-            let mut conn = Box::new(
-                h1.serve_connection(TokioIo::new(io.0), io.1)
-                    .with_upgrades(),
-            );
-            self.drive(Pin::new(&mut *conn), |c| c.graceful_shutdown(), park)
-                .await;
-            if !act.parked.load(Ordering::Relaxed) {
-                // Ended; dropping `conn` drops the stream (handed back for
-                // the lingering close unless the client closed its side).
-                return;
-            }
             io = {
+                // Boxed, and built from the box's fields in one expression
+                // (see `Connection::run`). Scoped to this block: a Box
+                // moved out of keeps its allocation until it goes out of
+                // scope, and a parked connection holds none of it.
+                let mut conn = Box::new(
+                    h1.serve_connection(TokioIo::new(io.0), io.1)
+                        .with_upgrades(),
+                );
+                self.drive(Pin::new(&mut *conn), |c| c.graceful_shutdown(), park)
+                    .await;
+                if !act.parked.load(Ordering::Relaxed) {
+                    // Ended; dropping `conn` drops the stream (handed back
+                    // for the lingering close unless the client closed its
+                    // side).
+                    return;
+                }
                 let Some(http1::Parts {
                     io,
                     read_buf,
