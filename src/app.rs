@@ -632,21 +632,23 @@ async fn reload(proxy: &RunningProxy, path: &Path, trigger: Trigger) -> bool {
 /// RSS would stay at the burst's peak; one trim after a quiet second lets it
 /// follow the live connections instead: `mi_collect(true)` for mimalloc
 /// (whose delayed purge otherwise waits for the next allocation), and
-/// `malloc_trim(0)` for glibc. Quiet means no request arrived and the number
-/// of open client connections did not change for a second: many keep-alive
-/// connections closing at once free their buffers without any request, and
-/// are followed by a trim too. It runs only while no request arrives, so it
+/// `malloc_trim(0)` for glibc. Quiet means no request arrived, the number
+/// of open client connections did not change and no idle connection was
+/// parked for a second: many keep-alive connections closing or parking at
+/// once free their buffers without any request, and are followed by a trim
+/// too. It runs only while no request arrives, so it
 /// never delays one. jemalloc purges on its own decay clock.
 async fn memory_janitor(shared: Arc<Shared>, conns: Arc<Tracker>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = (u64::MAX, usize::MAX);
+    let mut seen = (u64::MAX, usize::MAX, u64::MAX);
     let mut trimmed = true;
     loop {
         tick.tick().await;
         let now = (
             shared.requests.load(std::sync::atomic::Ordering::Relaxed),
             conns.count(),
+            crate::server::listener::parks(),
         );
         if now != seen {
             seen = now;

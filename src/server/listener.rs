@@ -24,7 +24,10 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::future::Either;
 use http::{HeaderName, HeaderValue};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
@@ -39,7 +42,7 @@ use super::linger;
 use crate::config::watch::FileWatch;
 use crate::config::{content_hash, ListenerConfig, ListenerProtocol, ListenerTls};
 use crate::proxy::{self, ConnInfo, Shared};
-use crate::shutdown::{Phase, PhaseWaker, Tracker};
+use crate::shutdown::{Phase, PhaseWaker, Shutdown, Tracker};
 use crate::tls::{self, Alpn, TlsListener};
 
 /// Runs one listener until the drain reaches `Stopping`.
@@ -141,43 +144,64 @@ async fn accept_loop(
             tracked: conns.track(),
             strip: strip.clone(),
         };
-        let tls = tls.clone();
-        let name = cfg.name.clone();
         // Owned by the connection tracker: drain waits for every connection task.
-        tokio::spawn(async move {
-            let _slot = slot;
-            let Some(tls) = tls else {
+        let fut = match tls.clone() {
+            None => Either::Left(async move {
+                let _slot = slot;
                 let info = Arc::new(ConnInfo::new(remote, false));
                 conn.run(stream, info, Alpn::None, None).await;
-                return;
-            };
-            // Boxed: the handshake state is several KiB, and plain connections
-            // (and TLS ones once handshaken) should not carry its size all their life.
-            let accepted = Box::pin(tls.accept(stream)).await;
-            drop(handshake);
-            match accepted {
-                Ok(a) => {
-                    let info = Arc::new(
-                        ConnInfo::new(remote, true)
-                            .with_identity(a.peer_identity.as_ref().map(|v| v.as_bytes())),
-                    );
-                    let identity = match (tls.identity_header(), a.identity) {
-                        (Some(h), Some(v)) => Some((h.clone(), v)),
-                        _ => None,
-                    };
-                    // Boxed for the same reason: a TLS stream is large.
-                    Box::pin(conn.run(a.stream, info, a.alpn, identity)).await;
-                }
-                Err(e) => {
-                    tracing::debug!(listener = %name, %remote, error = %e, "TLS handshake did not complete")
-                }
+            }),
+            Some(tls) => {
+                let name = cfg.name.clone();
+                Either::Right(async move {
+                    let _slot = slot;
+                    serve_tls(conn, tls, stream, remote, handshake, &name).await;
+                })
             }
-        });
+        };
+        tokio::spawn(fut);
     }
     tracing::debug!(listener = %cfg.name, "stopped accepting");
     if let Some(r) = rotation {
         r.join("tls rotation").await;
     }
+}
+
+/// Handshakes a TLS connection, then serves it. Both are boxed: the
+/// handshake state and a TLS stream are several KiB, and plain connections
+/// (and TLS ones once handshaken) should not carry their size all their
+/// life. What the handshake returns is taken apart inside a block: a local
+/// held across an await keeps its space in the task, even once moved from.
+async fn serve_tls(
+    conn: Connection,
+    tls: Arc<TlsListener>,
+    stream: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
+    name: &str,
+) {
+    let run = {
+        let accepted = Box::pin(tls.accept(stream)).await;
+        drop(handshake);
+        match accepted {
+            Ok(a) => {
+                let info = Arc::new(
+                    ConnInfo::new(remote, true)
+                        .with_identity(a.peer_identity.as_ref().map(|v| v.as_bytes())),
+                );
+                let identity = match (tls.identity_header(), a.identity) {
+                    (Some(h), Some(v)) => Some((h.clone(), v)),
+                    _ => None,
+                };
+                Box::pin(conn.run(a.stream, info, a.alpn, identity))
+            }
+            Err(e) => {
+                tracing::debug!(listener = %name, %remote, error = %e, "TLS handshake did not complete");
+                return;
+            }
+        }
+    };
+    run.await;
 }
 
 /// A task handle aborted if dropped before it is joined (e.g. when the accept
@@ -328,6 +352,16 @@ struct Activity {
     head_clock_off: AtomicBool,
     /// Set by the watcher: the pending head took too long.
     head_timed_out: AtomicBool,
+    /// Response bodies hyper still holds (HTTP/1.1: at most one).
+    bodies: AtomicUsize,
+    /// The last write or flush on the client stream could not complete
+    /// (the client is not reading): hyper still has bytes to send.
+    write_blocked: AtomicBool,
+    /// HTTP/1.1: the connection is parked (see [`Watch::serve_h1`]), or
+    /// about to be. While it is set, a shutdown of the stream (hyper's, as
+    /// its connection ends) is a no-op, so the stream is taken back from
+    /// hyper still open.
+    parked: AtomicBool,
 }
 
 const NO_HEAD: u64 = u64::MAX;
@@ -341,7 +375,22 @@ impl Activity {
             head_since_ms: AtomicU64::new(NO_HEAD),
             head_clock_off: AtomicBool::new(false),
             head_timed_out: AtomicBool::new(false),
+            bodies: AtomicUsize::new(0),
+            write_blocked: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
         }
+    }
+
+    /// HTTP/1.1 with nothing in progress: no request in the service, no
+    /// response body held by hyper, nothing left to write and no request
+    /// head started. Checked right after hyper's connection returned
+    /// `Pending`, this means hyper is idle, waiting for the next head.
+    fn parkable(&self) -> bool {
+        self.active.load(Ordering::Relaxed) == 0
+            && self.bodies.load(Ordering::Relaxed) == 0
+            && !self.write_blocked.load(Ordering::Relaxed)
+            && self.head_since_ms.load(Ordering::Relaxed) == NO_HEAD
+            && !self.head_timed_out.load(Ordering::Relaxed)
     }
 
     /// Bytes arrived from the client: starts the head clock if they begin a
@@ -355,6 +404,13 @@ impl Activity {
             let since = self.start.elapsed().as_millis() as u64;
             self.head_since_ms.store(since, Ordering::Relaxed);
         }
+    }
+
+    /// Notes whether a write or flush on the client stream is left waiting.
+    fn wrote<T>(&self, res: Poll<T>) -> Poll<T> {
+        self.write_blocked
+            .store(res.is_pending(), Ordering::Relaxed);
+        res
     }
 }
 
@@ -380,6 +436,9 @@ struct HeadClock<S> {
     sniffed: [u8; H2_PREFACE.len()],
     sniffed_len: u8,
     replayed: u8,
+    /// Bytes hyper had read but not parsed when its connection was parked
+    /// (a pipelined head's start), replayed to the next one.
+    carry: Bytes,
 }
 
 /// What an h2c prior-knowledge client sends first.
@@ -397,6 +456,7 @@ impl<S> HeadClock<S> {
             sniffed: [0; H2_PREFACE.len()],
             sniffed_len: 0,
             replayed: 0,
+            carry: Bytes::new(),
         }
     }
 }
@@ -429,6 +489,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HeadClock<S> {
             if got != &H2_PREFACE[len..len + got.len()] {
                 return Poll::Ready(Ok(false));
             }
+        }
+    }
+
+    /// Parked: waits for the client to send something, or to close. The
+    /// first bytes are kept for the next hyper connection (replayed like the
+    /// sniffed ones), and they start the head clock as any request bytes
+    /// do. `Ready(true)` for bytes or the end of the stream (hyper then sees
+    /// it and closes as usual), `Ready(false)` when the read failed.
+    fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> Poll<bool> {
+        if self.replayed < self.sniffed_len || !self.carry.is_empty() {
+            return Poll::Ready(true);
+        }
+        let mut chunk = [0u8; H2_PREFACE.len()];
+        let mut buf = ReadBuf::new(&mut chunk);
+        match std::task::ready!(self.poll_read_stream(cx, &mut buf)) {
+            Ok(()) => {
+                let got = buf.filled();
+                self.sniffed[..got.len()].copy_from_slice(got);
+                self.sniffed_len = got.len() as u8;
+                self.replayed = 0;
+                Poll::Ready(true)
+            }
+            Err(_) => Poll::Ready(false),
         }
     }
 }
@@ -491,8 +574,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadClock<S> {
             // What has arrived since goes into the same read: hyper grows
             // (doubles) its read buffer when a read leaves a partial head in
             // it, and the replayed bytes alone are one.
-            if buf.remaining() > 0 {
+            if buf.remaining() > 0 && this.carry.is_empty() {
                 let _ = this.poll_read_stream(cx, buf);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if !this.carry.is_empty() {
+            let n = this.carry.len().min(buf.remaining());
+            buf.put_slice(&this.carry.split_to(n));
+            if this.carry.is_empty() {
+                this.carry = Bytes::new();
             }
             return Poll::Ready(Ok(()));
         }
@@ -554,8 +645,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadClock<S> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().inner.as_mut() {
-            Some(s) => Pin::new(s).poll_write(cx, buf),
+        let this = self.get_mut();
+        match this.inner.as_mut() {
+            Some(s) => this.act.wrote(Pin::new(s).poll_write(cx, buf)),
             None => Poll::Ready(Err(dropped())),
         }
     }
@@ -565,8 +657,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadClock<S> {
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().inner.as_mut() {
-            Some(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        let this = self.get_mut();
+        match this.inner.as_mut() {
+            Some(s) => this.act.wrote(Pin::new(s).poll_write_vectored(cx, bufs)),
             None => Poll::Ready(Err(dropped())),
         }
     }
@@ -576,8 +669,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadClock<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().inner.as_mut() {
-            Some(s) => Pin::new(s).poll_flush(cx),
+        let this = self.get_mut();
+        match this.inner.as_mut() {
+            Some(s) => this.act.wrote(Pin::new(s).poll_flush(cx)),
             None => Poll::Ready(Err(dropped())),
         }
     }
@@ -586,7 +680,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadClock<S> {
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut().inner.as_mut() {
+        let this = self.get_mut();
+        if this.act.parked.load(Ordering::Relaxed) {
+            // Parking: hyper ends its connection, the stream stays open.
+            return Poll::Ready(Ok(()));
+        }
+        match this.inner.as_mut() {
             Some(s) => Pin::new(s).poll_shutdown(cx),
             None => Poll::Ready(Err(dropped())),
         }
@@ -612,38 +711,16 @@ impl Connection {
             activity.head_clock_off.store(true, Ordering::Relaxed);
         }
         let (back, mut returned) = oneshot::channel();
-        let mut stream = HeadClock::new(stream, activity.clone(), back);
-        let shared = self.shared.clone();
-        let act = activity.clone();
-        let strip = self.strip.clone();
-        let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let shared = shared.clone();
-            let info = info.clone();
-            let act = act.clone();
-            for name in strip.iter() {
-                req.headers_mut().remove(name);
-            }
-            if let Some((name, value)) = &identity {
-                req.headers_mut().insert(name.clone(), value.clone());
-            }
-            // Boxed per request: hyper keeps a connection's in-flight
-            // future in a slot sized for it for the connection's whole life,
-            // so an unboxed ~4 KiB proxy future cost every idle keep-alive
-            // connection ~4 KiB of RSS (1,000 idle connections: 35.1 ->
-            // 30.8 MiB); the allocation per request measured ~1% CPU.
-            Box::pin(async move {
-                // The head is complete: its clock stops.
-                act.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
-                act.active.fetch_add(1, Ordering::Relaxed);
-                let resp = proxy::handle(req, &info, &shared).await;
-                act.last_ms
-                    .store(act.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                act.active.fetch_sub(1, Ordering::Relaxed);
-                Ok::<_, Infallible>(resp)
-            })
-        });
+        // The stream and the service, boxed and built in one expression:
+        // an async fn's locals keep their space in the task while their
+        // scope spans an await, even once moved from, and these move into
+        // hyper's (boxed) connection.
+        let mut io = Box::new((
+            HeadClock::new(stream, activity.clone(), back),
+            service(&self, info, activity.clone(), identity),
+        ));
         let watch = Watch {
-            shared: self.shared.clone(),
+            shutdown: self.shared.shutdown.clone(),
             activity,
             idle: self.idle,
             head: self.head_timeout,
@@ -652,32 +729,28 @@ impl Connection {
         let h2 = match proto {
             Proto::Auto => {
                 let sniff = std::pin::pin!(Sniff {
-                    io: &mut stream,
+                    io: &mut io.0,
                     cancelled: false,
                 });
-                watch.drive(sniff, |s| s.get_mut().cancelled = true).await
+                watch
+                    .drive(sniff, |s| s.get_mut().cancelled = true, None)
+                    .await
             }
             Proto::Http1 => Some(false),
             Proto::Http2 => Some(true),
         };
-        let io = TokioIo::new(stream);
         match h2 {
             // Closed, failed or timed out before the first request; dropping
-            // `io` hands the stream back for the lingering close.
+            // the stream hands it back for the lingering close.
             None => drop(io),
-            // The connection is pinned where it is built and driven by
-            // reference: an async fn's moved-from locals keep their space in
-            // the task for as long as their scope spans an await, so passing
-            // it by value stored it twice in every connection's task.
-            Some(false) => {
-                let conn = std::pin::pin!(b.h1.serve_connection(io, svc).with_upgrades());
-                watch.drive(conn, |c| c.graceful_shutdown()).await;
-            }
+            Some(false) => watch.serve_h1(&b.h1, io).await,
             Some(true) => {
                 // Boxed: an HTTP/2 connection's state is large and only h2
                 // connections should pay for it.
-                let mut conn = Box::pin(b.h2.serve_connection(io, svc));
-                watch.drive(conn.as_mut(), |c| c.graceful_shutdown()).await;
+                let mut conn = Box::pin(b.h2.serve_connection(TokioIo::new(io.0), io.1));
+                watch
+                    .drive(conn.as_mut(), |c| c.graceful_shutdown(), None)
+                    .await;
             }
         }
         // hyper has dropped the stream (the connection future is gone); it is
@@ -701,33 +774,242 @@ impl Connection {
     }
 }
 
+/// The connection's service: strips the identity headers, adds the
+/// verified `identity`, and proxies.
+fn service(
+    conn: &Connection,
+    info: Arc<ConnInfo>,
+    act: Arc<Activity>,
+    identity: Option<(HeaderName, HeaderValue)>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = http::Response<Counted<proxy::body::ProxyBody>>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Send
+       + Unpin
+       + 'static {
+    let shared = conn.shared.clone();
+    let strip = conn.strip.clone();
+    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let shared = shared.clone();
+        let info = info.clone();
+        let act = act.clone();
+        for name in strip.iter() {
+            req.headers_mut().remove(name);
+        }
+        if let Some((name, value)) = &identity {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+        // Boxed per request: hyper keeps a connection's in-flight future
+        // in a slot sized for it for the connection's whole life, so an
+        // unboxed ~4 KiB proxy future cost every idle keep-alive connection
+        // ~4 KiB of RSS (1,000 idle connections: 35.1 -> 30.8 MiB); the
+        // allocation per request measured ~1% CPU.
+        // One async block, not a wrapper future: moving a future copies all
+        // of it, and this one is ~3.5 KiB.
+        Box::pin(async move {
+            request_started(&act);
+            let resp = proxy::handle(req, &info, &shared).await;
+            Ok::<_, Infallible>(response_ready(act, resp))
+        })
+    })
+}
+
+/// A request reached the service: its head is complete (the head clock
+/// stops) and it is in progress.
+fn request_started(act: &Activity) {
+    act.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
+    act.active.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Its response is ready: the request ends, and the response body counts
+/// as in progress until hyper drops it.
+fn response_ready<B>(act: Arc<Activity>, resp: http::Response<B>) -> http::Response<Counted<B>> {
+    act.last_ms
+        .store(act.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    // Counted before the request stops counting: the connection never
+    // looks idle in between.
+    act.bodies.fetch_add(1, Ordering::Relaxed);
+    act.active.fetch_sub(1, Ordering::Relaxed);
+    resp.map(|inner| Counted { inner, act })
+}
+
+/// A response body, counted in [`Activity::bodies`] until hyper drops it.
+struct Counted<B> {
+    inner: B,
+    act: Arc<Activity>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        self.act.bodies.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long an HTTP/1.1 connection with nothing in progress keeps hyper's
+/// connection state (two 8 KiB buffers and the parser's) before it is
+/// parked: a client that sends its next request sooner reuses it as it is;
+/// one that waits longer pays for building it again (a few allocations).
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Connections parked so far (all listeners): the memory janitor trims
+/// after they change, as after connections close.
+static PARKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times an idle HTTP/1.1 connection was parked since start.
+pub(crate) fn parks() -> u64 {
+    PARKS.load(Ordering::Relaxed)
+}
+
 /// What ends or winds down a connection besides the client: drain, idleness
 /// and a request head that takes too long.
 struct Watch {
-    shared: Arc<Shared>,
+    shutdown: Arc<Shutdown>,
     activity: Arc<Activity>,
     idle: Duration,
     head: Duration,
 }
 
 impl Watch {
+    /// Serves HTTP/1.1 on `io` until the connection ends.
+    ///
+    /// A connection with nothing in progress for [`PARK_AFTER`] is parked:
+    /// hyper's connection is closed without shutting the stream down
+    /// ([`Activity::parked`]), which frees its buffers and state, and the
+    /// stream and service are taken back. The parked connection waits for
+    /// the client's next bytes under the same idle timeout and drain, then
+    /// a new hyper connection serves it. Clients see one keep-alive
+    /// connection throughout.
+    async fn serve_h1<S, Svc, B>(&self, h1: &http1::Builder, mut io: Box<(HeadClock<S>, Svc)>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Svc: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Unpin,
+        Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let act = &self.activity;
+        let mut park = Some(PARK_AFTER);
+        loop {
+            io = {
+                // Boxed, and built from the box's fields in one expression
+                // (see `Connection::run`). Scoped to this block: a Box
+                // moved out of keeps its allocation until it goes out of
+                // scope, and a parked connection holds none of it.
+                let mut conn = Box::new(
+                    h1.serve_connection(TokioIo::new(io.0), io.1)
+                        .with_upgrades(),
+                );
+                self.drive(Pin::new(&mut *conn), |c| c.graceful_shutdown(), park)
+                    .await;
+                if !act.parked.load(Ordering::Relaxed) {
+                    // Ended; dropping `conn` drops the stream (handed back
+                    // for the lingering close unless the client closed its
+                    // side).
+                    return;
+                }
+                let Some(http1::Parts {
+                    io,
+                    read_buf,
+                    service,
+                    ..
+                }) = conn.into_parts()
+                else {
+                    return;
+                };
+                let mut io = io.into_inner();
+                if !read_buf.is_empty() {
+                    // hyper had read the start of a pipelined head: it goes
+                    // to the next connection at once, which then stays
+                    // unparked (parking it again would find the same
+                    // bytes). Copied: `read_buf` is a view of hyper's whole
+                    // read buffer, which is freed here.
+                    io.carry = Bytes::copy_from_slice(&read_buf);
+                    park = None;
+                }
+                Box::new((io, service))
+            };
+            PARKS.fetch_add(1, Ordering::Relaxed);
+            if io.0.carry.is_empty() && !self.wait_parked(&mut io.0).await {
+                // Idle timeout or drain: dropped, the stream goes back for
+                // the lingering close, as hyper's graceful close of an idle
+                // connection ends in it. Or the read failed: just closed.
+                return;
+            }
+            // Resumed: the next hyper connection shuts the stream down for real.
+            act.parked.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// A parked connection waits for bytes from the client: `true` to
+    /// serve them (or the end of the stream) with a new hyper connection,
+    /// `false` when the idle timeout or the drain closes it, or the read failed.
+    async fn wait_parked<S: AsyncRead + AsyncWrite + Unpin>(&self, io: &mut HeadClock<S>) -> bool {
+        let idle = idle_watch(self.activity.clone(), self.idle, self.head, None);
+        tokio::pin!(idle);
+        let mut registered: Option<PhaseWaker> = None;
+        std::future::poll_fn(|cx| {
+            if registered.is_none() {
+                registered = Some(self.shutdown.register(cx.waker()));
+            }
+            if self.shutdown.phase() >= Phase::Stopping {
+                return Poll::Ready(false);
+            }
+            if let Poll::Ready(wake) = io.poll_wake(cx) {
+                return Poll::Ready(wake);
+            }
+            match idle.as_mut().poll(cx) {
+                Poll::Ready(Watched::Idle) => Poll::Ready(false),
+                // No head is pending while parked, and this watch does not
+                // park; were one to fire, the next connection looks again.
+                Poll::Ready(Watched::SlowHead | Watched::Park) => Poll::Ready(true),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
     /// Runs `conn` to its end: graceful close (`Connection: close` / GOAWAY)
     /// once the drain stops accepting or the connection is idle, and dropped
     /// outright when the drain timeout has expired. `None` when it failed or
-    /// was dropped.
+    /// was dropped. With `park`, an HTTP/1.1 connection that has had nothing
+    /// in progress for that long is ended for parking (see
+    /// [`Watch::serve_h1`]): [`Activity::parked`] is then left set.
     async fn drive<C, T, E>(
         &self,
         mut conn: Pin<&mut C>,
         graceful: impl Fn(Pin<&mut C>),
+        park: Option<Duration>,
     ) -> Option<T>
     where
         C: Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
         let act = self.activity.clone();
-        let idle = idle_watch(self.activity.clone(), self.idle, self.head);
+        let idle = idle_watch(self.activity.clone(), self.idle, self.head, park);
         tokio::pin!(idle);
-        let shutdown = &self.shared.shutdown;
+        let shutdown = &self.shutdown;
         let mut registered: Option<PhaseWaker> = None;
         let mut closing = false;
         let res = std::future::poll_fn(|cx| {
@@ -765,6 +1047,22 @@ impl Watch {
                         tracing::debug!("request head not complete in time: 408");
                         return conn.as_mut().poll(cx).map(Some);
                     }
+                    Poll::Ready(Watched::Park) => {
+                        // hyper is idle (it just returned Pending with
+                        // nothing in progress): closing it ends it at once,
+                        // and the stream's shutdown is skipped.
+                        act.parked.store(true, Ordering::Relaxed);
+                        graceful(conn.as_mut());
+                        let res = conn.as_mut().poll(cx);
+                        if !matches!(res, Poll::Ready(Ok(_))) {
+                            // Not idle after all, or it failed: a graceful
+                            // close as for the idle timeout, with a real shutdown.
+                            tracing::debug!("connection not idle when parked: closing it");
+                            act.parked.store(false, Ordering::Relaxed);
+                            closing = true;
+                        }
+                        return res.map(Some);
+                    }
                 }
             }
             Poll::Pending
@@ -786,13 +1084,21 @@ enum Watched {
     Idle,
     /// A request head started arriving `head` ago and is still not complete.
     SlowHead,
+    /// HTTP/1.1 with nothing in progress for the park delay.
+    Park,
 }
 
 /// Resolves once the connection has had no request in progress for `idle`,
-/// or a pending request head is older than `head`. One timer per connection,
+/// or a pending request head is older than `head`, or (with `park`) it has
+/// had nothing in progress for that long. One timer per connection,
 /// re-armed at most every `head` (so a head that starts mid-sleep is caught
-/// at its deadline) and never per request.
-async fn idle_watch(act: Arc<Activity>, idle: Duration, head: Duration) -> Watched {
+/// at its deadline) or `park`, and never per request.
+async fn idle_watch(
+    act: Arc<Activity>,
+    idle: Duration,
+    head: Duration,
+    park: Option<Duration>,
+) -> Watched {
     loop {
         let now = Instant::now();
         let busy = act.active.load(Ordering::Relaxed) > 0;
@@ -806,6 +1112,17 @@ async fn idle_watch(act: Arc<Activity>, idle: Duration, head: Duration) -> Watch
         } else {
             idle_due
         };
+        if let Some(after) = park {
+            let park_due = act.start + last + after;
+            if now < park_due {
+                next = next.min(park_due);
+            } else if act.parkable() {
+                return Watched::Park;
+            } else {
+                // A response still streams, or a head is pending: look again later.
+                next = next.min(now + after);
+            }
+        }
         if !act.head_clock_off.load(Ordering::Relaxed) {
             let since = act.head_since_ms.load(Ordering::Relaxed);
             if since != NO_HEAD && !busy {
@@ -818,5 +1135,247 @@ async fn idle_watch(act: Arc<Activity>, idle: Duration, head: Duration) -> Watch
             next = next.min(now + head);
         }
         tokio::time::sleep_until(next).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// One HTTP/1.1 connection served by [`Watch::serve_h1`] on real sockets;
+    /// the service answers `ok <path>`, or with `respond` for `/slow`.
+    struct Served {
+        client: TcpStream,
+        act: Arc<Activity>,
+        shutdown: Arc<Shutdown>,
+        /// The stream handed back for the lingering close, if it was.
+        done: JoinHandle<Option<TcpStream>>,
+    }
+
+    type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+    async fn serve_one(idle: Duration, slow: fn() -> TestBody) -> Served {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let act = Arc::new(Activity::new());
+        let shutdown = Shutdown::new();
+        let (back, returned) = oneshot::channel();
+        let io = HeadClock::new(server, act.clone(), back);
+        let svc_act = act.clone();
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let act = svc_act.clone();
+            Box::pin(async move {
+                request_started(&act);
+                let body = if req.uri().path() == "/slow" {
+                    slow()
+                } else {
+                    TestBody::new(Full::new(Bytes::from(format!("ok {}", req.uri().path()))))
+                };
+                Ok::<_, Infallible>(response_ready(act, http::Response::new(body)))
+            })
+        });
+        let watch = Watch {
+            shutdown: shutdown.clone(),
+            activity: act.clone(),
+            idle,
+            head: Duration::from_secs(10),
+        };
+        let done = tokio::spawn(async move {
+            let h1 = http1::Builder::new();
+            watch.serve_h1(&h1, Box::new((io, svc))).await;
+            returned.await.ok()
+        });
+        Served {
+            client,
+            act,
+            shutdown,
+            done,
+        }
+    }
+
+    /// Reads one response (content-length or chunked) whole: head and body bytes.
+    async fn read_response(c: &mut TcpStream) -> (String, Vec<u8>) {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            assert_eq!(c.read(&mut byte).await.unwrap(), 1, "closed in the head");
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
+        let mut body = Vec::new();
+        if let Some(len) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+        {
+            body.resize(len.trim().parse().unwrap(), 0);
+            c.read_exact(&mut body).await.unwrap();
+        } else {
+            while !body.ends_with(b"0\r\n\r\n") {
+                assert_eq!(c.read(&mut byte).await.unwrap(), 1, "closed in the body");
+                body.push(byte[0]);
+            }
+        }
+        (head, body)
+    }
+
+    async fn get(c: &mut TcpStream, path: &str) -> (String, Vec<u8>) {
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        read_response(c).await
+    }
+
+    async fn get_ok(c: &mut TcpStream, path: &str) {
+        let (head, body) = get(c, path).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        assert_eq!(body, format!("ok {path}").as_bytes());
+    }
+
+    fn no_slow() -> TestBody {
+        TestBody::new(Full::new(Bytes::new()))
+    }
+
+    /// Waits (paused time) until the connection is parked.
+    async fn until_parked(act: &Activity) {
+        for _ in 0..100 {
+            if act.parked.load(Ordering::Relaxed) {
+                return;
+            }
+            tokio::time::sleep(PARK_AFTER / 4).await;
+        }
+        panic!("the connection was not parked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_parked_and_serves_its_next_requests() {
+        let mut s = serve_one(Duration::from_secs(60), no_slow).await;
+        get_ok(&mut s.client, "/a").await;
+        get_ok(&mut s.client, "/b").await;
+        assert!(
+            !s.act.parked.load(Ordering::Relaxed),
+            "not before PARK_AFTER"
+        );
+        until_parked(&s.act).await;
+        get_ok(&mut s.client, "/c").await;
+        assert!(!s.act.parked.load(Ordering::Relaxed), "resumed");
+        // Parked and resumed again, any number of times.
+        until_parked(&s.act).await;
+        get_ok(&mut s.client, "/d").await;
+        drop(s.client);
+        assert!(
+            s.done.await.unwrap().is_none(),
+            "the client closed: not lingered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_connection_that_sends_nothing_is_parked_too() {
+        let mut s = serve_one(Duration::from_secs(60), no_slow).await;
+        until_parked(&s.act).await;
+        // Split across reads: the first bytes wake it, hyper reads the rest.
+        s.client.write_all(b"GET /a HT").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.client
+            .write_all(b"TP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s.client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, b"ok /a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_closes_at_its_idle_timeout_with_a_lingering_close() {
+        let mut s = serve_one(Duration::from_secs(5), no_slow).await;
+        get_ok(&mut s.client, "/a").await;
+        until_parked(&s.act).await;
+        let lingered = s.done.await.unwrap();
+        assert!(lingered.is_some(), "handed back for the lingering close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_closes_when_the_drain_stops_accepting() {
+        let mut s = serve_one(Duration::from_secs(60), no_slow).await;
+        get_ok(&mut s.client, "/a").await;
+        until_parked(&s.act).await;
+        s.shutdown.advance(Phase::Stopping);
+        let lingered = s.done.await.unwrap();
+        assert!(lingered.is_some(), "handed back for the lingering close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipelined_partial_head_survives_parking() {
+        let mut s = serve_one(Duration::from_secs(60), no_slow).await;
+        s.client
+            .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HT")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s.client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, b"ok /a");
+        // Idle with the start of /b read: long enough to park.
+        tokio::time::sleep(PARK_AFTER * 3).await;
+        s.client
+            .write_all(b"TP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s.client).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, b"ok /b");
+        get_ok(&mut s.client, "/c").await;
+    }
+
+    /// A chunk, then a pause of 3 x PARK_AFTER, then another chunk.
+    fn paused_body() -> TestBody {
+        let chunks = futures_util::stream::unfold(0u8, |n| async move {
+            match n {
+                0 => Some((Ok(http_body::Frame::data(Bytes::from_static(b"a"))), 1)),
+                1 => {
+                    tokio::time::sleep(PARK_AFTER * 3).await;
+                    Some((Ok(http_body::Frame::data(Bytes::from_static(b"b"))), 2))
+                }
+                _ => None,
+            }
+        });
+        TestBody::new(http_body_util::StreamBody::new(chunks))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_that_pauses_longer_than_the_park_delay_is_not_cut_short() {
+        let mut s = serve_one(Duration::from_secs(60), paused_body).await;
+        let (head, body) = get(&mut s.client, "/slow").await;
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        assert_eq!(body, b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n");
+        // Still keep-alive.
+        get_ok(&mut s.client, "/a").await;
+    }
+
+    /// Far more than the loopback socket buffers hold.
+    const BIG: usize = 32 << 20;
+
+    fn big_body() -> TestBody {
+        TestBody::new(Full::new(Bytes::from(vec![b'x'; BIG])))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_reads_late_is_not_cut_short() {
+        let mut s = serve_one(Duration::from_secs(60), big_body).await;
+        s.client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        // The client does not read for a while: hyper's write waits.
+        tokio::time::sleep(PARK_AFTER * 3).await;
+        assert!(!s.act.parked.load(Ordering::Relaxed));
+        let (head, body) = read_response(&mut s.client).await;
+        assert!(!head.contains("connection: close"), "{head}");
+        assert_eq!(body.len(), BIG);
+        get_ok(&mut s.client, "/a").await;
     }
 }

@@ -764,6 +764,33 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_pooled_connection_whose_buffer_was_released_still_serves() {
+        let (addr, mut seen) = scripted(
+            vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nagain\r\n0\r\n\r\n",
+            ],
+            usize::MAX,
+        )
+        .await;
+        let pool = Arc::new(Pool::new(8, Duration::from_secs(60)));
+        let (s, body, _) = get(addr, &pool, "/1").await.unwrap();
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"ok"[..]));
+        assert!(pool.idle_buffers()[0] > 0, "pooled with its read buffer");
+        pool.reap();
+        assert!(pool.idle_buffers()[0] > 0, "kept while recently used");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        pool.reap();
+        assert_eq!(pool.idle_buffers(), vec![0], "freed once idle");
+        let (s, body, _) = get(addr, &pool, "/2").await.unwrap();
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"again"[..]));
+        assert_eq!(pool.idle_count(), 1);
+        for want in ["conn1 GET /1 HTTP/1.1", "conn1 GET /2 HTTP/1.1"] {
+            assert_eq!(seen.recv().await.unwrap(), want, "the same connection");
+        }
+    }
+
     #[tokio::test]
     async fn single_use_responses_are_not_pooled() {
         let (addr, _seen) = scripted(

@@ -57,6 +57,10 @@ const BUFFERED_IDLE: usize = 16;
 /// stays at most this much per pooled connection).
 const KEEP_BUFFER: usize = READ_CHUNK;
 
+/// A connection idle this long gives up its read buffer at the reaper's
+/// next round (the next request on it allocates a new one).
+const RELEASE_BUFFER_AFTER: Duration = Duration::from_secs(1);
+
 impl<T: Io> Pool<T> {
     /// An empty pool keeping at most `max_idle` connections, each for at most `idle_timeout`.
     pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Self {
@@ -90,25 +94,33 @@ impl<T: Io> Pool<T> {
     }
 
     /// Closes the idle connections that have expired or that the upstream
-    /// closed (or sent stray bytes on). Connections are dropped outside the
-    /// lock: closing a socket is a system call.
-    fn reap(&self) {
+    /// closed (or sent stray bytes on), and frees the read buffers of those
+    /// idle for [`RELEASE_BUFFER_AFTER`]: a quiet endpoint's pool then holds
+    /// sockets only. Connections and buffers are dropped outside the lock:
+    /// closing a socket is a system call.
+    pub(super) fn reap(&self) {
         let now = Instant::now();
-        let dropped: Vec<IdleConn<T>> = {
+        let (dropped, released): (Vec<IdleConn<T>>, Vec<BytesMut>) = {
             let mut idle = self.idle.lock();
             let mut dropped = Vec::new();
+            let mut released = Vec::new();
             let mut kept = VecDeque::with_capacity(idle.len());
             for mut c in idle.drain(..) {
-                if now.duration_since(c.since) >= self.idle_timeout || !is_alive(&mut c.conn.io) {
+                let idled = now.duration_since(c.since);
+                if idled >= self.idle_timeout || !is_alive(&mut c.conn.io) {
                     dropped.push(c);
                 } else {
+                    if idled >= RELEASE_BUFFER_AFTER && c.conn.buf.capacity() > 0 {
+                        released.push(std::mem::take(&mut c.conn.buf));
+                    }
                     kept.push_back(c);
                 }
             }
             *idle = kept;
-            dropped
+            (dropped, released)
         };
         drop(dropped);
+        drop(released);
     }
 
     /// Returns a connection whose exchange ended cleanly.
@@ -138,6 +150,16 @@ impl<T: Io> Pool<T> {
     #[cfg(test)]
     pub(crate) fn idle_count(&self) -> usize {
         self.idle.lock().len()
+    }
+
+    /// The read buffer capacity of each idle connection, oldest first.
+    #[cfg(test)]
+    pub(crate) fn idle_buffers(&self) -> Vec<usize> {
+        self.idle
+            .lock()
+            .iter()
+            .map(|c| c.conn.buf.capacity())
+            .collect()
     }
 }
 
