@@ -47,14 +47,28 @@ pub(super) enum Chunk {
     Trailers,
 }
 
+/// Where one header's name and value lie in the head: offsets and lengths.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    name: u32,
+    name_len: u32,
+    value: u32,
+    value_len: u32,
+}
+
 /// Parses a complete response head off the front of `buf`, or `None` when
 /// more bytes are needed.
+///
+/// One parse: httparse borrows `buf`, so each header's place is noted as
+/// offsets; the head is then split off and its values are cut from its own
+/// bytes (shared, not copied), and the buffer keeps what follows. The
+/// framing headers are read on the way, with no lookup in the map.
 pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, String> {
-    // First pass: is the head complete, and how long is it?
-    let len = {
+    let mut spans = [Span::default(); MAX_HEADERS];
+    let (len, code, http10, count) = {
         let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
-        match httparse::ParserConfig::default()
+        let len = match httparse::ParserConfig::default()
             .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)
         {
             // The bound holds however the head arrived: in small reads
@@ -65,52 +79,65 @@ pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Hea
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(format!("invalid upstream response head: {e}")),
+        };
+        // httparse's slices point into `buf`; within the head (at most
+        // MAX_HEAD bytes), so every offset fits in a u32.
+        let base = buf.as_ptr() as usize;
+        let offset = |s: &[u8]| (s.as_ptr() as usize).wrapping_sub(base) as u32;
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            *span = Span {
+                name: offset(h.name.as_bytes()),
+                name_len: h.name.len() as u32,
+                value: offset(h.value),
+                value_len: h.value.len() as u32,
+            };
         }
+        (len, resp.code, resp.version == Some(0), resp.headers.len())
     };
-    // Second pass over the head's own bytes, so header values share them
-    // (no copy) and the buffer keeps what follows.
     let head = buf.split_to(len).freeze();
-    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    if let Err(e) = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut resp, &head, &mut raw)
-    {
-        return Err(format!("invalid upstream response head: {e}"));
-    }
-    let code = resp.code.unwrap_or(0);
+    let code = code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| format!("invalid upstream status {code}"))?;
-    let http10 = resp.version == Some(0);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| "invalid upstream header name".to_string())?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut framing = Framing::default();
+    for span in &spans[..count] {
+        let (n, v) = (span.name as usize, span.value as usize);
+        // Always in range (the offsets came from slices of these bytes);
+        // checked anyway, as an error rather than a panic.
+        let (Some(name), true) = (
+            head.get(n..n + span.name_len as usize),
+            v + span.value_len as usize <= head.len(),
+        ) else {
+            return Err("invalid upstream response head".into());
+        };
+        let name = header_name(name).map_err(|_| "invalid upstream header name".to_string())?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + span.value_len as usize))
             .map_err(|_| format!("invalid value in upstream header {name}"))?;
+        framing.note(&name, &value);
         headers.append(name, value);
     }
 
-    let mut keep_alive = !http10 && !has_token(&headers, &CONNECTION, "close");
+    let mut keep_alive = !http10 && !framing.close;
     let no_body = is_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let decode = if no_body {
         Decode::Length(0)
-    } else if headers.contains_key(TRANSFER_ENCODING) {
+    } else if let Some(te) = &framing.last_te {
         // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), and a
         // message with both may be an attempt at smuggling: never reuse.
-        if headers.contains_key(CONTENT_LENGTH) {
+        if framing.length.is_some() {
             keep_alive = false;
         }
-        if last_coding_is_chunked(&headers) {
+        if last_coding_is_chunked(te) {
             Decode::Chunked(Chunk::Size)
         } else {
             keep_alive = false;
             Decode::Eof
         }
-    } else if headers.contains_key(CONTENT_LENGTH) {
-        Decode::Length(content_length(&headers)?)
+    } else if let Some(length) = framing.length {
+        Decode::Length(length.map_err(str::to_string)?)
     } else {
         keep_alive = false;
         Decode::Eof
@@ -123,43 +150,93 @@ pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Hea
     }))
 }
 
-fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    h.get_all(name).iter().any(|v| {
-        v.to_str()
-            .unwrap_or("")
-            .split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// The framing headers of a response head, read while it is parsed.
+#[derive(Default)]
+struct Framing {
+    /// A `Connection` header lists `close`.
+    close: bool,
+    /// The last `Transfer-Encoding` value.
+    last_te: Option<HeaderValue>,
+    /// The one `Content-Length` (repeated values must agree), when there is any.
+    length: Option<Result<u64, &'static str>>,
+}
+
+impl Framing {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == CONNECTION {
+            self.close |= has_token(value, "close");
+        } else if name == TRANSFER_ENCODING {
+            self.last_te = Some(value.clone());
+        } else if name == CONTENT_LENGTH {
+            self.length = Some(match self.length {
+                None => content_length(value, None),
+                Some(Ok(seen)) => content_length(value, Some(seen)),
+                Some(Err(e)) => Err(e),
+            });
+        }
+    }
+}
+
+/// The standard names upstreams send most, matched without hashing or
+/// case folding (as sent in lower case or capitalized); anything else goes
+/// through [`HeaderName::from_bytes`].
+fn header_name(b: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    use http::header;
+    Ok(match b {
+        b"content-length" | b"Content-Length" => header::CONTENT_LENGTH,
+        b"content-type" | b"Content-Type" => header::CONTENT_TYPE,
+        b"date" | b"Date" => header::DATE,
+        b"server" | b"Server" => header::SERVER,
+        b"connection" | b"Connection" => header::CONNECTION,
+        b"transfer-encoding" | b"Transfer-Encoding" => header::TRANSFER_ENCODING,
+        b"cache-control" | b"Cache-Control" => header::CACHE_CONTROL,
+        b"etag" | b"ETag" => header::ETAG,
+        b"last-modified" | b"Last-Modified" => header::LAST_MODIFIED,
+        b"vary" | b"Vary" => header::VARY,
+        _ => HeaderName::from_bytes(b)?,
     })
 }
 
-fn last_coding_is_chunked(h: &HeaderMap) -> bool {
-    h.get_all(TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .unwrap_or("")
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn last_coding_is_chunked(te: &HeaderValue) -> bool {
+    te.to_str()
+        .ok()
         .and_then(|v| v.rsplit(',').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
 }
 
-/// The one Content-Length of a response: repeated values must agree.
-fn content_length(h: &HeaderMap) -> Result<u64, String> {
-    let mut found: Option<u64> = None;
-    for v in h.get_all(CONTENT_LENGTH) {
-        for part in v.to_str().unwrap_or("").split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err("invalid upstream content-length".into());
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| "invalid upstream content-length".to_string())?;
-            if found.is_some_and(|f| f != n) {
-                return Err("conflicting upstream content-length values".into());
-            }
-            found = Some(n);
+/// One `Content-Length` value (a comma-separated list of equal numbers),
+/// which must agree with the one `seen` before it.
+fn content_length(v: &HeaderValue, mut seen: Option<u64>) -> Result<u64, &'static str> {
+    const INVALID: &str = "invalid upstream content-length";
+    // Not UTF-8 (obs-text) cannot be digits either.
+    for part in v.as_bytes().split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() {
+            return Err(INVALID);
         }
+        let mut n: u64 = 0;
+        for &b in part {
+            if !b.is_ascii_digit() {
+                return Err(INVALID);
+            }
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                .ok_or(INVALID)?;
+        }
+        if seen.is_some_and(|s| s != n) {
+            return Err("conflicting upstream content-length values");
+        }
+        seen = Some(n);
     }
-    found.ok_or_else(|| "invalid upstream content-length".into())
+    seen.ok_or(INVALID)
 }
 
 /// One decoding step over the buffered bytes.
@@ -389,6 +466,65 @@ mod tests {
             b"def",
             "bytes after the body stay (and make the connection single-use)"
         );
+    }
+
+    #[test]
+    fn framing_headers_are_read_whatever_their_case_and_position() {
+        let parse = |raw: &str, head: bool| parse_head(&mut BytesMut::from(raw), head);
+        let h = parse(
+            "HTTP/1.1 200 OK\r\nDate: x\r\nContent-Length: 007\r\nX-Up: a\r\n\r\nbody",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.decode, h.keep_alive), (Decode::Length(7), true));
+        assert_eq!(h.headers["content-length"], "007");
+        assert_eq!(h.headers["x-up"], "a");
+        assert_eq!(h.headers.len(), 3);
+        let h = parse(
+            "HTTP/1.1 200 OK\r\nCONNECTION: Keep-Alive\r\nConnection: Close\r\ncontent-length: 1\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.keep_alive, "close in any Connection header");
+        assert_eq!(h.headers.get_all("connection").iter().count(), 2);
+        let h = parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: Chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            h.decode,
+            Decode::Chunked(Chunk::Size),
+            "the last coding counts"
+        );
+        // A body-less response never reads its Content-Length.
+        let h = parse(
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: x\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.decode, Decode::Length(0));
+        for bad in [
+            "content-length: 18446744073709551616",
+            "content-length: ",
+            "content-length: 1,,1",
+            "content-length: 1\r\ncontent-length: x",
+            "content-length: 2\r\nContent-Length: 3",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\n{bad}\r\n\r\n");
+            assert!(parse(&raw, false).is_err(), "{bad:?}");
+        }
+        let h = parse(
+            "HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.decode, Decode::Length(u64::MAX));
     }
 
     #[test]
