@@ -13,20 +13,32 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Is `n` one of the hop-by-hop headers [`strip_hop_by_hop`] handles?
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TRANSFER_ENCODING
+        || n == header::TE
+        || n == header::UPGRADE
+        || n == header::PROXY_AUTHENTICATE
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers. With `upgrade`, `Connection: upgrade` and
 /// `Upgrade` are kept because the next hop must see them to switch protocols.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     // Most messages carry none of them: one pass over the names instead of a
     // hashed lookup per hop-by-hop header.
-    let any = h.keys().any(|n| {
-        n == header::CONNECTION
-            || n == header::TRANSFER_ENCODING
-            || n == header::TE
-            || n == header::UPGRADE
-            || n == header::PROXY_AUTHENTICATE
-            || n == KEEP_ALIVE
-            || n == PROXY_CONNECTION
-    });
+    let any = h.keys().any(is_hop_by_hop);
+    strip_found(h, upgrade, any);
+}
+
+/// [`strip_hop_by_hop`] when a [`Scan`] already told whether there are any.
+pub(crate) fn strip_scanned(h: &mut HeaderMap, upgrade: bool, scan: &Scan) {
+    strip_found(h, upgrade, scan.hop_by_hop);
+}
+
+fn strip_found(h: &mut HeaderMap, upgrade: bool, any: bool) {
     if !any {
         if upgrade {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -80,13 +92,90 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
 
 /// Is this an HTTP/1.1 protocol upgrade request (WebSocket and friends)?
 pub(crate) fn is_upgrade_request(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .unwrap_or("")
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
+    h.contains_key(header::UPGRADE) && h.get_all(header::CONNECTION).iter().any(lists_upgrade)
+}
+
+fn lists_upgrade(v: &HeaderValue) -> bool {
+    v.to_str()
+        .unwrap_or("")
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// What the pipeline reads from a client request's headers, found in one
+/// pass over them. A request carries a few headers; a hashed lookup for
+/// each name the stages ask about (about eight) cost more than one walk
+/// comparing names. Each field is what the lookup it replaces would give:
+/// the first value of a name, or whether the name is there.
+#[derive(Default)]
+pub(crate) struct Scan {
+    /// The first `content-type` names gRPC.
+    pub grpc: bool,
+    /// The first `grpc-timeout`, parsed (none when malformed).
+    pub grpc_timeout: Option<std::time::Duration>,
+    /// A `grpc-timeout` header is there, well-formed or not.
+    pub has_grpc_timeout: bool,
+    /// The first `content-length`, parsed (none when malformed).
+    pub content_length: Option<u64>,
+    /// The first `host`.
+    pub host: Option<HeaderValue>,
+    /// `Upgrade` is there and a `Connection` lists `upgrade` (as
+    /// [`is_upgrade_request`]).
+    pub upgrade: bool,
+    pub has_request_id: bool,
+    pub has_forwarded_for: bool,
+    /// A hop-by-hop header is there: stripping may remove any header (those
+    /// a `Connection` names), so what it leaves must be looked up again.
+    pub hop_by_hop: bool,
+}
+
+impl Scan {
+    /// Reads `h` once.
+    pub(crate) fn of(h: &HeaderMap) -> Self {
+        let mut s = Scan::default();
+        let (mut content_type, mut length, mut upgrade, mut lists) = (false, false, false, false);
+        for (name, value) in h {
+            if name == header::HOST {
+                if s.host.is_none() {
+                    s.host = Some(value.clone());
+                }
+            } else if name == header::CONTENT_TYPE {
+                if !content_type {
+                    content_type = true;
+                    s.grpc = crate::error::is_grpc_content_type(value);
+                }
+            } else if name == header::CONTENT_LENGTH {
+                if !length {
+                    length = true;
+                    s.content_length = content_length_value(value);
+                }
+            } else if name == X_REQUEST_ID {
+                s.has_request_id = true;
+            } else if name == X_FORWARDED_FOR {
+                s.has_forwarded_for = true;
+            } else if name == crate::proxy::timeout::GRPC_TIMEOUT {
+                if !s.has_grpc_timeout {
+                    s.has_grpc_timeout = true;
+                    s.grpc_timeout = crate::proxy::timeout::parse_grpc_timeout_value(value);
+                }
+            } else if is_hop_by_hop(name) {
+                s.hop_by_hop = true;
+                if name == header::UPGRADE {
+                    upgrade = true;
+                } else if name == header::CONNECTION && !lists {
+                    lists = lists_upgrade(value);
+                }
+            }
+        }
+        s.upgrade = upgrade && lists;
+        s
+    }
+}
+
+/// A `content-length` value as a number: the first value of the header,
+/// trimmed; `None` when it is not one.
+pub(crate) fn content_length_value(v: &HeaderValue) -> Option<u64> {
+    v.to_str().ok()?.trim().parse().ok()
 }
 
 /// The forwarding headers of one request: x-request-id (when the client
@@ -101,7 +190,7 @@ pub struct Forwarded {
     /// into the head, so a request costs no allocation for its id.
     request_id: Option<RequestId>,
     xff: Option<HeaderValue>,
-    proto: HeaderValue,
+    https: bool,
     host: Option<HeaderValue>,
 }
 
@@ -114,9 +203,42 @@ pub fn forwarded(
     https: bool,
     original_host: Option<HeaderValue>,
 ) -> Forwarded {
-    let request_id = (!h.contains_key(&X_REQUEST_ID)).then(new_request_id);
+    let present = (
+        h.contains_key(&X_REQUEST_ID),
+        h.contains_key(&X_FORWARDED_FOR),
+    );
+    forwarded_known(h, present, client_ip, https, original_host)
+}
+
+/// [`forwarded`] for headers read by `scan` and then stripped: what the scan
+/// found holds unless stripping had anything to remove.
+pub(crate) fn forwarded_scanned(
+    h: &HeaderMap,
+    scan: &Scan,
+    client_ip: &HeaderValue,
+    https: bool,
+    original_host: Option<HeaderValue>,
+) -> Forwarded {
+    if scan.hop_by_hop {
+        forwarded(h, client_ip, https, original_host)
+    } else {
+        let present = (scan.has_request_id, scan.has_forwarded_for);
+        forwarded_known(h, present, client_ip, https, original_host)
+    }
+}
+
+/// [`forwarded`] when whether `h` has `x-request-id` and `x-forwarded-for`
+/// is known already (`present`, in that order).
+pub(crate) fn forwarded_known(
+    h: &HeaderMap,
+    (has_request_id, has_forwarded_for): (bool, bool),
+    client_ip: &HeaderValue,
+    https: bool,
+    original_host: Option<HeaderValue>,
+) -> Forwarded {
+    let request_id = (!has_request_id).then(new_request_id);
     // Append to any existing chain (several headers fold into one, in order).
-    let xff = if h.contains_key(&X_FORWARDED_FOR) {
+    let xff = if has_forwarded_for {
         let mut chain = Vec::with_capacity(64);
         for v in h.get_all(&X_FORWARDED_FOR) {
             chain.extend_from_slice(v.as_bytes());
@@ -130,7 +252,7 @@ pub fn forwarded(
     Forwarded {
         request_id,
         xff,
-        proto: HeaderValue::from_static(if https { "https" } else { "http" }),
+        https,
         host: original_host,
     }
 }
@@ -143,7 +265,46 @@ impl Forwarded {
             || (name == X_FORWARDED_HOST && self.host.is_some())
     }
 
+    /// How many bytes [`Forwarded::encode`] writes.
+    pub(crate) fn encoded_len(&self) -> usize {
+        let mut len = if self.request_id.is_some() {
+            REQUEST_ID_LINE
+        } else {
+            0
+        };
+        self.each_value(|n, v| len += n.as_str().len() + v.len() + 4);
+        len
+    }
+
+    /// Writes the headers as HTTP/1.1 header lines (lower-case names), in order.
+    pub(crate) fn encode(&self, out: &mut bytes::BytesMut) {
+        if let Some(id) = &self.request_id {
+            // One copy of a fixed size, which the compiler does inline.
+            let mut line = [0u8; REQUEST_ID_LINE];
+            line[..14].copy_from_slice(b"x-request-id: ");
+            line[14..46].copy_from_slice(&id.0);
+            line[46..].copy_from_slice(b"\r\n");
+            out.extend_from_slice(&line);
+        }
+        if let Some(v) = &self.xff {
+            out.extend_from_slice(b"x-forwarded-for: ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if self.https {
+            out.extend_from_slice(b"x-forwarded-proto: https\r\n");
+        } else {
+            out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+        }
+        if let Some(v) = &self.host {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
     /// The headers to add, in order, as name and value bytes.
+    #[cfg(test)]
     pub(crate) fn each(&self, mut f: impl FnMut(&HeaderName, &[u8])) {
         if let Some(id) = &self.request_id {
             f(&X_REQUEST_ID, &id.0);
@@ -156,7 +317,8 @@ impl Forwarded {
         if let Some(v) = &self.xff {
             f(&X_FORWARDED_FOR, v);
         }
-        f(&X_FORWARDED_PROTO, &self.proto);
+        let proto = HeaderValue::from_static(if self.https { "https" } else { "http" });
+        f(&X_FORWARDED_PROTO, &proto);
         if let Some(v) = &self.host {
             f(&X_FORWARDED_HOST, v);
         }
@@ -188,6 +350,9 @@ impl Forwarded {
 #[derive(Clone, Copy)]
 struct RequestId([u8; 32]);
 
+/// `x-request-id: ` (14 bytes), 32 digits, CRLF.
+const REQUEST_ID_LINE: usize = 48;
+
 impl std::fmt::Debug for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match std::str::from_utf8(&self.0) {
@@ -215,13 +380,26 @@ pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
 
 /// 128 random bits as 32 hex digits.
 fn new_request_id() -> RequestId {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (i * 4)) & 0xf) as usize];
+    for (out, i) in buf.chunks_exact_mut(8).zip(0..) {
+        out.copy_from_slice(&hex8((n >> (32 * i)) as u32));
     }
     RequestId(buf)
+}
+
+/// The 8 nibbles of `x` as lower-case hex digits (in some fixed order: the
+/// id only has to be random), computed on all eight at once.
+fn hex8(x: u32) -> [u8; 8] {
+    // One nibble per byte.
+    let mut v = u64::from(x);
+    v = (v | (v << 16)) & 0x0000_FFFF_0000_FFFF;
+    v = (v | (v << 8)) & 0x00FF_00FF_00FF_00FF;
+    v = (v | (v << 4)) & 0x0F0F_0F0F_0F0F_0F0F;
+    // 1 in each byte whose nibble is 10 or more (adding 6 carries into bit 4).
+    let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    // '0' + nibble, and past '9' on to 'a' (39 = 'a' - '0' - 10).
+    (v + 0x3030_3030_3030_3030 + letters * 39).to_le_bytes()
 }
 
 #[cfg(test)]
@@ -274,6 +452,156 @@ mod tests {
         assert!(!h.contains_key("x-two"), "named next to a non-UTF-8 token");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
+    }
+
+    /// Every field of a scan is what the lookup it stands for gives.
+    #[test]
+    fn a_scan_reads_what_lookups_would() {
+        let cases: &[&[(&str, &[u8])]] = &[
+            &[("host", b"svc"), ("user-agent", b"x"), ("accept", b"*/*")],
+            &[],
+            &[
+                ("content-type", b"application/grpc+proto"),
+                ("content-type", b"text/plain"),
+                ("grpc-timeout", b"250m"),
+                ("grpc-timeout", b"1S"),
+                ("content-length", b" 12 "),
+                ("content-length", b"13"),
+                ("host", b"a"),
+                ("host", b"b"),
+            ],
+            &[
+                ("content-type", b"text/plain"),
+                ("content-type", b"application/grpc"),
+                ("grpc-timeout", b"bad"),
+                ("content-length", b"x"),
+                ("x-request-id", b"abc"),
+                ("x-forwarded-for", b"10.0.0.1"),
+            ],
+            &[
+                ("upgrade", b"websocket"),
+                ("connection", b"keep-alive"),
+                ("connection", b"Upgrade"),
+            ],
+            &[("connection", b"upgrade")],
+            &[("upgrade", b"h2c")],
+            &[("te", b"trailers"), ("keep-alive", b"5")],
+            &[
+                ("proxy-connection", b"keep-alive"),
+                ("transfer-encoding", b"chunked"),
+            ],
+            &[
+                ("proxy-authenticate", b"basic"),
+                ("content-length", b"caf\xc3\xa9"),
+            ],
+        ];
+        for case in cases {
+            let mut h = HeaderMap::new();
+            for (n, v) in case.iter() {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            let s = Scan::of(&h);
+            let ct = h.get(header::CONTENT_TYPE);
+            assert_eq!(
+                s.grpc,
+                ct.is_some_and(crate::error::is_grpc_content_type),
+                "{case:?}"
+            );
+            assert_eq!(
+                s.grpc_timeout,
+                crate::proxy::timeout::parse_grpc_timeout(&h),
+                "{case:?}"
+            );
+            assert_eq!(
+                s.has_grpc_timeout,
+                h.contains_key(&crate::proxy::timeout::GRPC_TIMEOUT)
+            );
+            assert_eq!(
+                s.content_length,
+                h.get(header::CONTENT_LENGTH).and_then(content_length_value),
+                "{case:?}"
+            );
+            assert_eq!(s.host.as_ref(), h.get(header::HOST), "{case:?}");
+            assert_eq!(s.upgrade, is_upgrade_request(&h), "{case:?}");
+            assert_eq!(s.has_request_id, h.contains_key(&X_REQUEST_ID));
+            assert_eq!(s.has_forwarded_for, h.contains_key(&X_FORWARDED_FOR));
+            assert_eq!(s.hop_by_hop, h.keys().any(is_hop_by_hop), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn scanned_forwarding_headers_match_looked_up_ones_after_stripping() {
+        let ip = ip_header_value("127.0.0.1".parse().unwrap());
+        for connection in [None, Some("x-request-id, x-forwarded-for"), Some("close")] {
+            let mut h = HeaderMap::new();
+            h.insert("x-request-id", HeaderValue::from_static("abc"));
+            h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+            if let Some(c) = connection {
+                h.insert("connection", HeaderValue::from_str(c).unwrap());
+            }
+            let scan = Scan::of(&h);
+            let mut looked_up = h.clone();
+            strip_hop_by_hop(&mut looked_up, false);
+            strip_scanned(&mut h, false, &scan);
+            assert_eq!(h, looked_up);
+            let a = forwarded_scanned(&h, &scan, &ip, false, None);
+            let b = forwarded(&looked_up, &ip, false, None);
+            assert_eq!(
+                a.request_id.is_some(),
+                b.request_id.is_some(),
+                "{connection:?}"
+            );
+            assert_eq!(a.xff, b.xff, "{connection:?}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_32_lower_case_hex_digits_and_every_digit_occurs() {
+        let mut seen = [false; 16];
+        for x in [0u32, 0xffff_ffff, 0x0123_4567, 0x89ab_cdef] {
+            for d in hex8(x) {
+                let v = (d as char).to_digit(16).unwrap();
+                assert_eq!(d, b"0123456789abcdef"[v as usize]);
+                seen[v as usize] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+        let mut digits: Vec<u8> = hex8(0x0123_4567).to_vec();
+        digits.sort_unstable();
+        assert_eq!(digits, b"01234567");
+        for _ in 0..100 {
+            let id = new_request_id();
+            assert!(id
+                .0
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)));
+        }
+    }
+
+    #[test]
+    fn encoded_forwarding_headers_are_the_headers_each_names() {
+        let ip = ip_header_value("127.0.0.1".parse().unwrap());
+        for (https, host, xff) in [(false, None, false), (true, Some("svc"), true)] {
+            let mut h = HeaderMap::new();
+            if xff {
+                h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+            }
+            let fwd = forwarded(&h, &ip, https, host.map(HeaderValue::from_static));
+            let mut want = Vec::new();
+            fwd.each(|n, v| {
+                want.extend_from_slice(n.as_str().as_bytes());
+                want.extend_from_slice(b": ");
+                want.extend_from_slice(v);
+                want.extend_from_slice(b"\r\n");
+            });
+            let mut out = bytes::BytesMut::new();
+            fwd.encode(&mut out);
+            assert_eq!(&out[..], &want[..]);
+            assert_eq!(fwd.encoded_len(), want.len());
+        }
     }
 
     #[test]

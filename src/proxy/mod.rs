@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -46,7 +46,7 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::config::FairKey;
-use crate::error::{is_grpc, ProxyError, Reason};
+use crate::error::{ProxyError, Reason};
 use crate::metrics::{Label, Metrics};
 use crate::registry::{Route, RouteState, Snapshot};
 use crate::shutdown::{Phase, Shutdown, Tracker};
@@ -128,7 +128,8 @@ pub(crate) async fn handle(
     let arrival = Instant::now();
     shared.requests.fetch_add(1, Ordering::Relaxed);
     let snap = shared.snapshot.load_full();
-    let grpc = is_grpc(req.headers());
+    let scan = headers::Scan::of(req.headers());
+    let grpc = scan.grpc;
     // CONNECT never matches a route: Spillway is not a forward proxy.
     let idx = if req.method() == Method::CONNECT {
         None
@@ -151,8 +152,8 @@ pub(crate) async fn handle(
     if shared.shutdown.phase() >= Phase::Stopping {
         return ledger.reply(ProxyError::new(Reason::Draining), grpc, route);
     }
-    let ctx = Ctx::new(shared, &snap, route, conn, arrival, req.headers());
-    match forward(req, &ctx, &mut ledger).await {
+    let ctx = Ctx::new(shared, &snap, route, conn, arrival, scan.grpc_timeout);
+    match forward(req, scan, &ctx, &mut ledger).await {
         Ok(resp) => resp,
         Err(e) => ledger.reply(e, grpc, route),
     }
@@ -181,10 +182,10 @@ impl<'a> Ctx<'a> {
         route: &'a Route,
         conn: &'a ConnInfo,
         arrival: Instant,
-        headers: &http::HeaderMap,
+        grpc_timeout: Option<Duration>,
     ) -> Self {
         let configured = route.config.timeouts.request.0;
-        let budget = match timeout::parse_grpc_timeout(headers) {
+        let budget = match grpc_timeout {
             Some(g) => configured.min(g),
             None => configured,
         };
@@ -308,11 +309,22 @@ fn local_body(resp: Response<Bytes>) -> Response<ProxyBody> {
 /// The stages in order; a retry goes round attempt and decide again.
 async fn forward(
     req: Request<Incoming>,
+    scan: headers::Scan,
     ctx: &Ctx<'_>,
     ledger: &mut Ledger,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let admitted = admit(ctx, req.headers()).await?;
-    let mut prep = prepare(ctx, req).await?;
+    let admitted = admit(ctx, req.headers(), scan.content_length).await?;
+    let (mut prep, unread) = prepare(ctx, req, scan)?;
+    if let Some(body) = unread {
+        // Boxed: a rare path whose future would otherwise enlarge every request's.
+        match Box::pin(read_body(body, ctx.deadline)).await {
+            Ok(b) => prep.body = UpstreamBody::Replay(Some(b)),
+            Err(fault) => return Err(client_fault(ctx, fault)),
+        }
+    }
+    if ctx.route.config.retries.max_attempts > 1 && prep.client_upgrade.is_none() {
+        ctx.state().budget.deposit();
+    }
     let upstream = &ctx.route.upstream;
     let failure_on = upstream
         .config
@@ -338,7 +350,8 @@ async fn forward(
         }
         let (reply, hint, unsent) = match attempt.ended {
             Ended::Response(resp) => {
-                let hint = retry_after(resp.headers());
+                // Only a response that may be retried needs its hint.
+                let hint = d.retry.and_then(|_| retry_after(resp.headers()));
                 (Ok(resp), hint, false)
             }
             Ended::Failed(e) => {
@@ -383,11 +396,15 @@ struct Admitted {
 /// counts requests at upstreams only: an overloaded route's queue must not
 /// fill it and shed other routes. In shadow mode nothing waits and nothing
 /// is refused; what would have been is counted.
-async fn admit(ctx: &Ctx<'_>, headers: &http::HeaderMap) -> Result<Admitted, ProxyError> {
+async fn admit(
+    ctx: &Ctx<'_>,
+    headers: &http::HeaderMap,
+    declared: Option<u64>,
+) -> Result<Admitted, ProxyError> {
     let cfg = &ctx.route.config;
     let state = ctx.state();
     // Too large by declaration: refuse before any queueing or upstream work.
-    if content_length(headers).is_some_and(|n| n > cfg.max_request_body.0) {
+    if declared.is_some_and(|n| n > cfg.max_request_body.0) {
         return Err(ProxyError::new(Reason::BodyTooLarge));
     }
     let ticket = ctx.ticket(headers);
@@ -453,13 +470,15 @@ async fn admit(ctx: &Ctx<'_>, headers: &http::HeaderMap) -> Result<Admitted, Pro
 /// A request made ready for its attempts.
 struct Prepared {
     /// Head of the request as the upstream gets it (taken by the last attempt).
-    parts: http::request::Parts,
+    parts: Option<http::request::Parts>,
     body: UpstreamBody,
     fwd: headers::Forwarded,
     /// The request carries the route's idempotency key header.
     has_key: bool,
     /// Every attempt can send the whole request again.
     replayable: bool,
+    /// The request carries a `grpc-timeout` (each attempt rewrites it).
+    has_grpc_timeout: bool,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// Set for a streamed body: whether it waits for the client's bytes.
     client_wait: Option<Arc<ClientWait>>,
@@ -468,15 +487,21 @@ struct Prepared {
 }
 
 /// Prepare: hop-by-hop and forwarding headers, and the body — buffered for
-/// replay when retries are possible and it is small enough, else streamed.
-async fn prepare(ctx: &Ctx<'_>, mut req: Request<Incoming>) -> Result<Prepared, ProxyError> {
+/// replay when retries are possible and it is small enough (returned
+/// unread, for the caller to read), else streamed. Not an `async fn`: the
+/// request would be moved into, and the result out of, one more future.
+fn prepare(
+    ctx: &Ctx<'_>,
+    mut req: Request<Incoming>,
+    mut scan: headers::Scan,
+) -> Result<(Prepared, Option<RequestBody>), ProxyError> {
     let cfg = &ctx.route.config;
-    let upgrade = req.version() <= Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    let upgrade = req.version() <= Version::HTTP_11 && scan.upgrade;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let declared = content_length(req.headers());
+    let declared = scan.content_length;
     let (mut parts, body) = req.into_parts();
-    let original_host = match parts.headers.get(HOST) {
-        Some(h) => Some(h.clone()),
+    let original_host = match scan.host.take() {
+        Some(h) => Some(h),
         None => {
             let auth = parts
                 .uri
@@ -488,13 +513,20 @@ async fn prepare(ctx: &Ctx<'_>, mut req: Request<Incoming>) -> Result<Prepared, 
             auth
         }
     };
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    let fwd = headers::forwarded(
+    headers::strip_scanned(&mut parts.headers, upgrade, &scan);
+    let fwd = headers::forwarded_scanned(
         &parts.headers,
+        &scan,
         &ctx.conn.remote_ip,
         ctx.conn.https,
         original_host,
     );
+    // Stripping can only have removed it when there was something to strip.
+    let has_grpc_timeout = if scan.hop_by_hop {
+        parts.headers.contains_key(&timeout::GRPC_TIMEOUT)
+    } else {
+        scan.has_grpc_timeout
+    };
     parts.version = match ctx.route.upstream.config.protocol {
         crate::config::UpstreamProtocol::Http1 => Version::HTTP_11,
         crate::config::UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -508,6 +540,7 @@ async fn prepare(ctx: &Ctx<'_>, mut req: Request<Incoming>) -> Result<Prepared, 
 
     let retries_on = cfg.retries.max_attempts > 1 && !upgrade;
     let mut client_wait = None;
+    let mut unread = None;
     let body = if body.is_end_stream() {
         UpstreamBody::Replay(None)
     } else {
@@ -517,29 +550,26 @@ async fn prepare(ctx: &Ctx<'_>, mut req: Request<Incoming>) -> Result<Prepared, 
             cfg.timeouts.response_body_idle.0,
         );
         if retries_on && declared.is_some_and(|n| n <= cfg.retries.max_buffered_body.0) {
-            // Boxed: a rare path whose future would otherwise enlarge every request's.
-            match Box::pin(read_body(body, ctx.deadline)).await {
-                Ok(b) => UpstreamBody::Replay(Some(b)),
-                Err(fault) => return Err(client_fault(ctx, fault)),
-            }
+            // Replaced by the bytes once the caller has read them.
+            unread = Some(body);
+            UpstreamBody::Replay(None)
         } else {
             client_wait = Some(body.client_wait());
             UpstreamBody::Stream(body)
         }
     };
-    if retries_on {
-        ctx.state().budget.deposit();
-    }
-    Ok(Prepared {
+    let prep = Prepared {
         replayable: matches!(body, UpstreamBody::Replay(_)),
-        parts,
+        has_grpc_timeout,
+        parts: Some(parts),
         body,
         fwd,
         has_key,
         client_upgrade,
         client_wait,
         last_endpoint: None,
-    })
+    };
+    Ok((prep, unread))
 }
 
 /// A client body failure found before any attempt: through the same table.
@@ -613,12 +643,16 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
         UpstreamBody::Replay(b) => UpstreamBody::Replay(b.clone()),
         _ => std::mem::replace(&mut prep.body, UpstreamBody::Empty),
     };
-    let mut parts = if more_to_come {
-        clone_parts(&prep.parts)
+    let parts = if more_to_come {
+        prep.parts.as_ref().map(clone_parts)
     } else {
-        std::mem::replace(&mut prep.parts, Request::new(()).into_parts().0)
+        prep.parts.take()
     };
-    if ctx.deadline_from_caller || parts.headers.contains_key(&timeout::GRPC_TIMEOUT) {
+    // Every attempt before the last one leaves the parts in place.
+    let Some(mut parts) = parts else {
+        return Err(ProxyError::new(Reason::UpstreamReset));
+    };
+    if ctx.deadline_from_caller || prep.has_grpc_timeout {
         parts.headers.insert(
             timeout::GRPC_TIMEOUT.clone(),
             timeout::format_grpc_timeout(ctx.deadline - now),
@@ -715,7 +749,11 @@ fn retry_plan(
     if n >= route.config.retries.max_attempts
         || !route.retry_on.matches(cause)
         || !prep.replayable
-        || !(unsent || safe_to_retry(&prep.parts.method, cause, prep.has_key))
+        || !(unsent
+            || prep
+                .parts
+                .as_ref()
+                .is_some_and(|p| safe_to_retry(&p.method, cause, prep.has_key)))
     {
         return None;
     }
@@ -738,7 +776,7 @@ fn retry_plan(
         return None;
     }
     state.count_retry(cause.label());
-    tracing::debug!(route = %state.name, request_id = ?prep.fwd.request_id().or_else(|| prep.parts.headers.get(&headers::X_REQUEST_ID).and_then(|v| v.to_str().ok())), cause = cause.label().as_str(), ?delay, "retrying");
+    tracing::debug!(route = %state.name, request_id = ?prep.fwd.request_id().or_else(|| prep.parts.as_ref()?.headers.get(&headers::X_REQUEST_ID)?.to_str().ok()), cause = cause.label().as_str(), ?delay, "retrying");
     Some(delay)
 }
 
@@ -852,10 +890,6 @@ impl BodyGuard for RequestGuard {
         };
         record(&self.state, self.arrival, status, reason);
     }
-}
-
-fn content_length(h: &http::HeaderMap) -> Option<u64> {
-    h.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 fn retry_after(h: &http::HeaderMap) -> Option<Duration> {

@@ -12,7 +12,12 @@ pub(crate) static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static
 
 /// Parses `grpc-timeout` (`<1-8 digits><H|M|S|m|u|n>`); None when absent or malformed.
 pub(crate) fn parse_grpc_timeout(h: &HeaderMap) -> Option<Duration> {
-    let v = h.get(&GRPC_TIMEOUT)?.as_bytes();
+    parse_grpc_timeout_value(h.get(&GRPC_TIMEOUT)?)
+}
+
+/// One `grpc-timeout` value, as [`parse_grpc_timeout`] reads it.
+pub(crate) fn parse_grpc_timeout_value(v: &HeaderValue) -> Option<Duration> {
+    let v = v.as_bytes();
     if v.len() < 2 || v.len() > 9 {
         return None;
     }

@@ -2,7 +2,7 @@
 
 use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderMap, Method};
 use http_body::Body;
 
 use crate::proxy::headers::Forwarded;
@@ -47,19 +47,13 @@ pub(crate) fn encode_head(
         len += n.as_str().len() + v.len() + 4;
     }
     if let Some(f) = fwd {
-        f.each(|n, v| len += n.as_str().len() + v.len() + 4);
+        len += f.encoded_len();
     }
     let mut out = BytesMut::with_capacity(len);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut put = |n: &HeaderName, v: &[u8]| {
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v);
-        out.extend_from_slice(b"\r\n");
-    };
     for (n, v) in headers {
         if n == TRANSFER_ENCODING
             || (n == CONTENT_LENGTH && framing != Framing::None)
@@ -67,10 +61,13 @@ pub(crate) fn encode_head(
         {
             continue;
         }
-        put(n, v.as_bytes());
+        out.extend_from_slice(n.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     if let Some(f) = fwd {
-        f.each(&mut put);
+        f.encode(&mut out);
     }
     match framing {
         Framing::None => {}
