@@ -89,7 +89,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 
 use crate::config::AdaptiveConfig;
@@ -130,11 +129,11 @@ pub struct Settings {
 /// `started` is when the attempt began, with `in_flight` requests holding a
 /// permit then (this one included); `result` is what the per-try timeout
 /// around the call returned.
-pub(crate) fn observe<B>(
+pub(crate) fn observe<B, E>(
     state: &RouteState,
     started: Instant,
     in_flight: usize,
-    result: &Result<Result<http::Response<B>, AttemptError>, Elapsed>,
+    result: &Result<Result<http::Response<B>, AttemptError>, E>,
 ) {
     let guard = state.adaptive.load();
     let Some(limiter) = guard.as_ref() else {

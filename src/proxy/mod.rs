@@ -666,9 +666,11 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
     let ep = upstream.pick_avoiding(prep.last_endpoint.as_deref());
     let call = upstream.send(
         &ep,
-        Request::from_parts(parts, body),
+        parts,
+        body,
         &prep.fwd,
         &ctx.state().hist.connect,
+        attempt_deadline,
     );
     // Dropped mid-call (the client left): the attempt counts as cancelled.
     let watch = CancelWatch {
@@ -678,7 +680,7 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
     };
     // The load this attempt meets, for the adaptive limit (one atomic load).
     let in_flight = ctx.state().admission.in_flight();
-    let result = tokio::time::timeout_at(attempt_deadline, call).await;
+    let result = call.await;
     watch.disarm();
     // A timeout while the body waited for the client says nothing about the
     // upstream's latency: no sample.

@@ -20,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::Histogram;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use super::body::{RespBody, UpstreamBody};
@@ -71,14 +71,37 @@ pub(crate) struct Endpoint {
     outcomes: LabelCounters<AttemptOutcome>,
 }
 
-/// A request made ready for the wire by [`Upstream::send`].
-enum Prepared {
-    H1 {
+pin_project_lite::pin_project! {
+    /// One attempt in flight ([`Upstream::send`]), bounded by its deadline.
+    pub(crate) struct Call<'a> {
+        upstream: &'a Upstream,
+        ep: &'a EndpointLoad,
+        connect_stage: &'a Histogram,
+        state: CallState<'a>,
+        deadline: Instant,
+        // Armed when the call first has to wait.
+        #[pin]
+        sleep: Option<Sleep>,
+    }
+}
+
+/// The attempt's deadline passed before the response head came.
+#[derive(Debug)]
+pub(crate) struct TimedOut;
+
+/// What a [`Call`] is doing.
+enum CallState<'a> {
+    /// HTTP/1.1 on a pooled connection; the head and method are kept for a
+    /// resend on a new connection, should the pooled one turn out closed.
+    Pooled {
+        exchange: h1::ExchangeFuture,
         head: Bytes,
         method: Method,
-        body: UpstreamBody,
     },
-    H2(Box<Request<UpstreamBody>>),
+    /// HTTP/1.1 on a new connection, or HTTP/2.
+    Boxed(Pin<Box<dyn Future<Output = Result<Response<RespBody>, AttemptError>> + Send + 'a>>),
+    /// Answered.
+    Done,
 }
 
 /// Held while an attempt (and then its response body) is using an endpoint.
@@ -267,100 +290,90 @@ impl Upstream {
     }
 
     /// Sends one attempt to `ep`: the request's path and query go to the
-    /// endpoint, whatever authority the client named.
+    /// endpoint, whatever authority the client named. The call ends with
+    /// [`TimedOut`] at `deadline` if no response head came by then.
     ///
     /// Not an `async fn`: the request is turned into what the wire needs
     /// (an encoded head for HTTP/1.1) before the future is made, so the
     /// future does not carry the request's parts for its whole life (it is
-    /// held per client connection).
+    /// held per client connection); and an HTTP/1.1 request on a pooled
+    /// connection is its exchange, polled in place, with no future of its
+    /// own around it.
     pub(crate) fn send<'a>(
         &'a self,
         ep: &'a EndpointLoad,
-        mut req: Request<UpstreamBody>,
+        mut parts: http::request::Parts,
+        body: UpstreamBody,
         fwd: &Forwarded,
         connect_stage: &'a Histogram,
-    ) -> impl std::future::Future<Output = Result<Response<RespBody>, AttemptError>> + Send + 'a
-    {
-        let prepared = match &self.client {
-            Some(_) => {
-                fwd.apply(req.headers_mut());
-                never_index_request_id(req.headers_mut());
-                Prepared::H2(Box::new(req))
+        deadline: Instant,
+    ) -> Call<'a> {
+        let state = match &self.client {
+            Some(client) => {
+                fwd.apply(&mut parts.headers);
+                never_index_request_id(&mut parts.headers);
+                let call = self.send_h2(client, ep, Request::from_parts(parts, body));
+                // hyper-util's pool connects out of sight: the connector
+                // finds the route's histogram in a task-local.
+                CallState::Boxed(Box::pin(CONNECT_STAGE.scope(connect_stage.clone(), call)))
             }
             None => {
-                let (parts, body) = req.into_parts();
                 let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
                 let head = h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
                     .freeze();
+                let method = parts.method;
                 // The request's headers and URI share the client connection's
                 // read buffer; dropping them here lets hyper reuse that buffer
                 // for its next read instead of allocating a new one while this
                 // request is in flight.
-                Prepared::H1 {
-                    head,
-                    method: parts.method,
-                    body,
+                drop(parts.headers);
+                drop(parts.uri);
+                let pool = &ep.0.pool;
+                match pool.checkout() {
+                    Some(conn) => CallState::Pooled {
+                        exchange: h1::exchange(
+                            conn,
+                            true,
+                            head.clone(),
+                            body,
+                            &method,
+                            pool.clone(),
+                        ),
+                        head,
+                        method,
+                    },
+                    // Boxed: a new connection is the rare case (pool hits are not).
+                    None => CallState::Boxed(Box::pin(self.send_fresh(
+                        ep,
+                        head,
+                        method,
+                        body,
+                        connect_stage,
+                    ))),
                 }
             }
         };
-        async move {
-            // Matched by value (no tuple): the prepared request is not
-            // copied again into the future's state.
-            match prepared {
-                Prepared::H1 { head, method, body } => {
-                    self.send_h1(ep, head, method, body, connect_stage).await
-                }
-                Prepared::H2(req) => match &self.client {
-                    Some(client) => {
-                        // hyper-util's pool connects out of sight: the connector
-                        // finds the route's histogram in a task-local. Boxed:
-                        // this branch's state (~800 B) would otherwise size
-                        // every request's future, HTTP/1.1 ones included.
-                        let call = self.send_h2(client, ep, *req);
-                        Box::pin(CONNECT_STAGE.scope(connect_stage.clone(), call)).await
-                    }
-                    None => Err(AttemptError::connect("no HTTP/2 client")),
-                },
-            }
+        Call {
+            upstream: self,
+            ep,
+            connect_stage,
+            state,
+            deadline,
+            sleep: None,
         }
     }
 
-    /// HTTP/1.1: a pooled connection (or a new one), driven in this task.
-    async fn send_h1(
+    /// HTTP/1.1 on a new connection.
+    async fn send_fresh(
         &self,
         ep: &EndpointLoad,
         head: Bytes,
         method: Method,
-        mut body: UpstreamBody,
+        body: UpstreamBody,
         connect_stage: &Histogram,
     ) -> Result<Response<RespBody>, AttemptError> {
-        let pool = &ep.0.pool;
-        // A pooled connection the upstream closed meanwhile costs one more try.
-        let mut fresh_only = false;
-        loop {
-            let (conn, reused) = match (!fresh_only).then(|| pool.checkout()).flatten() {
-                Some(conn) => (conn, true),
-                // Boxed: a new connection is the rare case (pool hits are not).
-                None => (
-                    h1::Conn::new(Box::pin(self.connect(ep, connect_stage)).await?),
-                    false,
-                ),
-            };
-            match h1::exchange(conn, reused, head.clone(), body, &method, pool.clone()).await {
-                Ok(resp) => return Ok(resp.map(RespBody::H1)),
-                Err(h1::Error::Stale(msg, returned)) => {
-                    tracing::debug!(endpoint = ep.label(), error = %msg, "pooled connection was closed; sending again on a new one");
-                    body = returned;
-                    fresh_only = true;
-                }
-                Err(h1::Error::Reset(msg)) => return Err(AttemptError::reset(msg)),
-                // The request body is only ever the client's (or replay bytes,
-                // which cannot fail): classified by the error it carries.
-                Err(h1::Error::Body(e)) => {
-                    return Err(AttemptError::classify(e, AttemptErrorKind::Reset))
-                }
-            }
-        }
+        let conn = h1::Conn::new(self.connect(ep, connect_stage).await?);
+        h1_result(h1::exchange(conn, false, head, body, &method, ep.0.pool.clone()).await)
     }
 
     /// A new connection to `ep` (TCP, then TLS when configured).
@@ -487,6 +500,100 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+// === impl Call ===
+
+impl Future for Call<'_> {
+    type Output = Result<Result<Response<RespBody>, AttemptError>, TimedOut>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let had_budget_before = tokio::task::coop::has_budget_remaining();
+        if let Poll::Ready(r) = this
+            .state
+            .poll(this.upstream, this.ep, this.connect_stage, cx)
+        {
+            return Poll::Ready(Ok(r));
+        }
+        if this.sleep.is_none() {
+            this.sleep
+                .set(Some(tokio::time::sleep_until(*this.deadline)));
+        }
+        let Some(sleep) = this.sleep.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        // As tokio's `Timeout` does: when the call used up the task's budget,
+        // the deadline is still looked at.
+        let fired = if had_budget_before && !tokio::task::coop::has_budget_remaining() {
+            std::pin::pin!(tokio::task::coop::unconstrained(sleep)).poll(cx)
+        } else {
+            sleep.poll(cx)
+        };
+        fired.map(|()| Err(TimedOut))
+    }
+}
+
+impl<'a> CallState<'a> {
+    fn poll(
+        &mut self,
+        upstream: &'a Upstream,
+        ep: &'a EndpointLoad,
+        connect_stage: &'a Histogram,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<RespBody>, AttemptError>> {
+        loop {
+            match self {
+                CallState::Pooled {
+                    exchange,
+                    head,
+                    method,
+                } => match std::task::ready!(Pin::new(exchange).poll(cx)) {
+                    Err(h1::Error::Stale(msg, body)) => {
+                        // A pooled connection the upstream closed meanwhile
+                        // costs one more try, on a new connection.
+                        tracing::debug!(endpoint = ep.label(), error = %msg, "pooled connection was closed; sending again on a new one");
+                        let call = upstream.send_fresh(
+                            ep,
+                            head.clone(),
+                            method.clone(),
+                            body,
+                            connect_stage,
+                        );
+                        *self = CallState::Boxed(Box::pin(call));
+                    }
+                    r => {
+                        *self = CallState::Done;
+                        return Poll::Ready(h1_result(r));
+                    }
+                },
+                CallState::Boxed(call) => {
+                    let r = std::task::ready!(call.as_mut().poll(cx));
+                    *self = CallState::Done;
+                    return Poll::Ready(r);
+                }
+                CallState::Done => {
+                    return Poll::Ready(Err(AttemptError::reset("attempt polled after it ended")))
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 exchange's result as an attempt's.
+fn h1_result(
+    r: Result<Response<h1::H1Body>, h1::Error>,
+) -> Result<Response<RespBody>, AttemptError> {
+    match r {
+        Ok(resp) => Ok(resp.map(RespBody::H1)),
+        Err(h1::Error::Reset(msg)) => Err(AttemptError::reset(msg)),
+        // Only a reused connection is ever stale, and that one is resent
+        // before it gets here.
+        Err(h1::Error::Stale(msg, _)) => Err(AttemptError::reset(msg)),
+        // The request body is only ever the client's (or replay bytes,
+        // which cannot fail): classified by the error it carries.
+        Err(h1::Error::Body(e)) => Err(AttemptError::classify(e, AttemptErrorKind::Reset)),
+    }
 }
 
 // === impl Connector ===

@@ -30,7 +30,7 @@ mod encode;
 pub(crate) mod fuzz;
 mod pool;
 
-pub(crate) use conn::{exchange, H1Body, Upgraded};
+pub(crate) use conn::{exchange, ExchangeFuture, H1Body, Upgraded};
 pub(crate) use encode::encode_head;
 pub(crate) use pool::{Conn, Pool, Reaper};
 
