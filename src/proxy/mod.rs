@@ -335,30 +335,71 @@ async fn forward(
     let mut n: u32 = 0;
     loop {
         n += 1;
-        let attempt = attempt(ctx, &mut prep, n).await?;
-        let d = outcome::decide(attempt.tried(), failure_on);
-        if let Some(t) = attempt.ticket {
+        // Attempt: a breaker ticket, an endpoint, the per-try deadline, the
+        // call. Inline rather than a function of its own, whose future
+        // would be one more level to build, move and poll.
+        let now = Instant::now();
+        if now >= ctx.deadline {
+            ctx.state().count_timeout(TimeoutStage::Request);
+            return Err(ProxyError::new(Reason::UpstreamTimeout));
+        }
+        let ticket = breaker_ticket(ctx)?;
+        // A retry prefers an endpoint other than the one that just failed.
+        let ep = upstream.pick_avoiding(prep.last_endpoint.as_deref());
+        let (call, attempt_deadline) = start_call(ctx, &mut prep, n, now, &ep)?;
+        // Dropped mid-call (the client left): the attempt counts as cancelled.
+        let watch = CancelWatch {
+            upstream,
+            ep: &ep,
+            armed: true,
+        };
+        // The load this attempt meets, for the adaptive limit (one atomic load).
+        let in_flight = ctx.state().admission.in_flight();
+        let result = call.await;
+        watch.disarm();
+        // A timeout while the body waited for the client says nothing about the
+        // upstream's latency: no sample.
+        let client_stalled =
+            result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
+        if !client_stalled {
+            adaptive::observe(ctx.state(), now, in_flight, &result);
+        }
+        ctx.state()
+            .hist
+            .upstream_headers
+            .observe(now.elapsed().as_secs_f64());
+        if upstream.endpoint_count() > 1 {
+            prep.last_endpoint = Some(ep.label().to_string());
+        }
+
+        // Decide: the table's verdict, the breaker, the counters.
+        let last_chance = attempt_deadline >= ctx.deadline;
+        let d = outcome::decide(tried(&result, last_chance, client_stalled), failure_on);
+        if let Some(t) = ticket {
             match d.breaker {
                 Verdict::Success => t.success(),
                 Verdict::Failure => t.failure(),
                 Verdict::Neutral => drop(t),
             }
         }
-        upstream.count(&attempt.ep, d.outcome);
+        upstream.count(&ep, d.outcome);
         if let Some(stage) = d.timeout {
             ctx.state().count_timeout(stage);
         }
-        let (reply, hint, unsent) = match attempt.ended {
-            Ended::Response(resp) => {
-                // Only a response that may be retried needs its hint.
-                let hint = d.retry.and_then(|_| retry_after(resp.headers()));
+        let (reply, hint, unsent) = match result {
+            // Nothing to retry (retry_plan would say so first): the answer.
+            Ok(Ok(resp)) if d.retry.is_none() => {
+                return Ok(respond(ctx, resp, admitted, ep, &mut prep, ledger));
+            }
+            Ok(Ok(resp)) => {
+                let hint = retry_after(resp.headers());
                 (Ok(resp), hint, false)
             }
-            Ended::Failed(e) => {
-                tracing::debug!(route = %ctx.state().name, endpoint = attempt.ep.label(), side = ?e.side(), error = %upstream::error_chain(&e), attempt = n, "attempt failed");
+            Ok(Err(e)) => {
+                tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(&e), attempt = n, "attempt failed");
                 (Err(local(d)), None, e.unsent())
             }
-            Ended::TimedOut => (Err(local(d)), None, false),
+            Err(upstream::TimedOut) => (Err(local(d)), None, false),
         };
         match retry_plan(ctx, &prep, &d, n, hint, unsent, &mut rng) {
             Some(delay) => {
@@ -369,7 +410,7 @@ async fn forward(
             }
             None => {
                 let resp = reply?;
-                return Ok(respond(ctx, resp, admitted, attempt.ep, &mut prep, ledger));
+                return Ok(respond(ctx, resp, admitted, ep, &mut prep, ledger));
             }
         }
     }
@@ -581,63 +622,51 @@ fn client_fault(ctx: &Ctx<'_>, fault: ClientFault) -> ProxyError {
     local(d)
 }
 
-/// How an attempt ended. Not boxed: the response is the common case, and a
-/// box would cost an allocation per request.
-#[allow(clippy::large_enum_variant)]
-enum Ended {
-    Response(hyper::Response<RespBody>),
-    Failed(AttemptError),
-    TimedOut,
-}
+/// What an attempt's call ends with.
+type CallResult = Result<Result<hyper::Response<RespBody>, AttemptError>, upstream::TimedOut>;
 
-/// One attempt at an endpoint.
-struct Attempt {
-    ended: Ended,
-    ep: EndpointLoad,
-    ticket: Option<BreakerTicket>,
-    /// The attempt's deadline was the request's.
-    last_chance: bool,
-    /// At the timeout, the streamed body was waiting for the client.
-    client_stalled: bool,
-}
-
-impl Attempt {
-    /// The view the classification table reads.
-    fn tried(&self) -> Tried {
-        match &self.ended {
-            Ended::Response(r) => Tried::Response(r.status().as_u16()),
-            Ended::Failed(e) => Tried::Failed(e.kind),
-            Ended::TimedOut => Tried::TimedOut {
-                request: self.last_chance,
-                client_stalled: self.client_stalled,
-            },
-        }
-    }
-}
-
-/// Attempt: a breaker ticket, the per-try deadline, an endpoint, the call.
-async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, ProxyError> {
-    let cfg = &ctx.route.config;
-    let upstream = &ctx.route.upstream;
-    let now = Instant::now();
-    if now >= ctx.deadline {
-        ctx.state().count_timeout(TimeoutStage::Request);
-        return Err(ProxyError::new(Reason::UpstreamTimeout));
-    }
-    let ticket = match &upstream.breaker {
-        None => None,
-        Some(b) => match b.try_acquire() {
-            Ok(t) => Some(t),
-            // Shadow breaker: its state machine runs, the request goes on.
-            Err(_) if upstream.breaker_is_shadow() => {
-                ctx.shadow(ShadowLabel::BreakerOpen);
-                None
-            }
-            Err(open) => {
-                return Err(ProxyError::new(Reason::BreakerOpen).retry_after(open.retry_after))
-            }
+/// The view of an attempt the classification table reads. `last_chance`:
+/// the attempt's deadline was the request's; `client_stalled`: at the
+/// timeout, the streamed body was waiting for the client.
+fn tried(result: &CallResult, last_chance: bool, client_stalled: bool) -> Tried {
+    match result {
+        Ok(Ok(r)) => Tried::Response(r.status().as_u16()),
+        Ok(Err(e)) => Tried::Failed(e.kind),
+        Err(upstream::TimedOut) => Tried::TimedOut {
+            request: last_chance,
+            client_stalled,
         },
+    }
+}
+
+/// The breaker's ticket for one more attempt, if the upstream has a breaker.
+fn breaker_ticket(ctx: &Ctx<'_>) -> Result<Option<BreakerTicket>, ProxyError> {
+    let upstream = &ctx.route.upstream;
+    let Some(b) = &upstream.breaker else {
+        return Ok(None);
     };
+    match b.try_acquire() {
+        Ok(t) => Ok(Some(t)),
+        // Shadow breaker: its state machine runs, the request goes on.
+        Err(_) if upstream.breaker_is_shadow() => {
+            ctx.shadow(ShadowLabel::BreakerOpen);
+            Ok(None)
+        }
+        Err(open) => Err(ProxyError::new(Reason::BreakerOpen).retry_after(open.retry_after)),
+    }
+}
+
+/// Starts attempt `n` at `ep`: its copy of the request (the last one takes
+/// the request itself), what remains of the deadline for the upstream, and
+/// the call, bounded by the per-try deadline (returned too).
+fn start_call<'e>(
+    ctx: &'e Ctx<'_>,
+    prep: &mut Prepared,
+    n: u32,
+    now: Instant,
+    ep: &'e EndpointLoad,
+) -> Result<(upstream::Call<'e>, Instant), ProxyError> {
+    let cfg = &ctx.route.config;
     let more_to_come = prep.replayable && n < cfg.retries.max_attempts;
     let body = match &prep.body {
         UpstreamBody::Replay(b) => UpstreamBody::Replay(b.clone()),
@@ -662,51 +691,15 @@ async fn attempt(ctx: &Ctx<'_>, prep: &mut Prepared, n: u32) -> Result<Attempt, 
         Some(pt) => (now + pt.0).min(ctx.deadline),
         None => ctx.deadline,
     };
-    // A retry prefers an endpoint other than the one that just failed.
-    let ep = upstream.pick_avoiding(prep.last_endpoint.as_deref());
-    let call = upstream.send(
-        &ep,
+    let call = ctx.route.upstream.send(
+        ep,
         parts,
         body,
         &prep.fwd,
         &ctx.state().hist.connect,
         attempt_deadline,
     );
-    // Dropped mid-call (the client left): the attempt counts as cancelled.
-    let watch = CancelWatch {
-        upstream,
-        ep: &ep,
-        armed: true,
-    };
-    // The load this attempt meets, for the adaptive limit (one atomic load).
-    let in_flight = ctx.state().admission.in_flight();
-    let result = call.await;
-    watch.disarm();
-    // A timeout while the body waited for the client says nothing about the
-    // upstream's latency: no sample.
-    let client_stalled = result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
-    if !client_stalled {
-        adaptive::observe(ctx.state(), now, in_flight, &result);
-    }
-    ctx.state()
-        .hist
-        .upstream_headers
-        .observe(now.elapsed().as_secs_f64());
-    if upstream.endpoint_count() > 1 {
-        prep.last_endpoint = Some(ep.label().to_string());
-    }
-    let ended = match result {
-        Ok(Ok(resp)) => Ended::Response(resp),
-        Ok(Err(e)) => Ended::Failed(e),
-        Err(_elapsed) => Ended::TimedOut,
-    };
-    Ok(Attempt {
-        client_stalled,
-        ended,
-        ep,
-        ticket,
-        last_chance: attempt_deadline >= ctx.deadline,
-    })
+    Ok((call, attempt_deadline))
 }
 
 /// Counts an attempt as `cancelled` if it is dropped before it ends.
