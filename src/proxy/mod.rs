@@ -386,22 +386,16 @@ async fn forward(
         if let Some(stage) = d.timeout {
             ctx.state().count_timeout(stage);
         }
-        let (reply, hint, unsent) = match result {
-            // Nothing to retry (retry_plan would say so first): the answer.
-            Ok(Ok(resp)) if d.retry.is_none() => {
-                return Ok(respond(ctx, resp, admitted, ep, &mut prep, ledger));
-            }
-            Ok(Ok(resp)) => {
-                let hint = retry_after(resp.headers());
-                (Ok(resp), hint, false)
-            }
+        let (reply, unsent) = match result {
+            Ok(Ok(resp)) => (Ok(resp), false),
             Ok(Err(e)) => {
                 tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(&e), attempt = n, "attempt failed");
-                (Err(local(d)), None, e.unsent())
+                (Err(local(d)), e.unsent())
             }
-            Err(upstream::TimedOut) => (Err(local(d)), None, false),
+            Err(upstream::TimedOut) => (Err(local(d)), false),
         };
-        match retry_plan(ctx, &prep, &d, n, hint, unsent, &mut rng) {
+        let answered = reply.as_ref().ok().map(Response::headers);
+        match retry_plan(ctx, &prep, &d, n, answered, unsent, &mut rng) {
             Some(delay) => {
                 drop(reply);
                 if !delay.is_zero() {
@@ -728,14 +722,15 @@ impl Drop for CancelWatch<'_> {
 /// this cause, a retry cannot duplicate a side effect (an idempotent method,
 /// an idempotency key, or nothing of the request `unsent` upstream), the
 /// body can be sent again, the backoff fits the deadline, the breaker is not
-/// open and the budget allows it.
+/// open and the budget allows it. `answered`: the headers of the response
+/// the attempt got, if any (for its Retry-After).
 #[allow(clippy::too_many_arguments)]
 fn retry_plan(
     ctx: &Ctx<'_>,
     prep: &Prepared,
     d: &Decision,
     n: u32,
-    hint: Option<Duration>,
+    answered: Option<&http::HeaderMap>,
     unsent: bool,
     rng: &mut fastrand::Rng,
 ) -> Option<Duration> {
@@ -752,6 +747,8 @@ fn retry_plan(
     {
         return None;
     }
+    // The upstream's Retry-After, read only now that a retry is possible.
+    let hint = answered.and_then(retry_after);
     let delay = route.backoff.delay(n - 1, hint, rng);
     if Instant::now() + delay >= ctx.deadline {
         return None;
