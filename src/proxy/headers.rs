@@ -135,36 +135,45 @@ impl Scan {
         let mut s = Scan::default();
         let (mut content_type, mut length, mut upgrade, mut lists) = (false, false, false, false);
         for (name, value) in h {
-            if name == header::HOST {
-                if s.host.is_none() {
-                    s.host = Some(value.clone());
+            // Matched as text: most names are none of these, and a string
+            // match rules them out by length, mostly.
+            match name.as_str() {
+                "host" => {
+                    if s.host.is_none() {
+                        s.host = Some(value.clone());
+                    }
                 }
-            } else if name == header::CONTENT_TYPE {
-                if !content_type {
-                    content_type = true;
-                    s.grpc = crate::error::is_grpc_content_type(value);
+                "content-type" => {
+                    if !content_type {
+                        content_type = true;
+                        s.grpc = crate::error::is_grpc_content_type(value);
+                    }
                 }
-            } else if name == header::CONTENT_LENGTH {
-                if !length {
-                    length = true;
-                    s.content_length = content_length_value(value);
+                "content-length" => {
+                    if !length {
+                        length = true;
+                        s.content_length = content_length_value(value);
+                    }
                 }
-            } else if name == X_REQUEST_ID {
-                s.has_request_id = true;
-            } else if name == X_FORWARDED_FOR {
-                s.has_forwarded_for = true;
-            } else if name == crate::proxy::timeout::GRPC_TIMEOUT {
-                if !s.has_grpc_timeout {
-                    s.has_grpc_timeout = true;
-                    s.grpc_timeout = crate::proxy::timeout::parse_grpc_timeout_value(value);
+                "x-request-id" => s.has_request_id = true,
+                "x-forwarded-for" => s.has_forwarded_for = true,
+                "grpc-timeout" => {
+                    if !s.has_grpc_timeout {
+                        s.has_grpc_timeout = true;
+                        s.grpc_timeout = crate::proxy::timeout::parse_grpc_timeout_value(value);
+                    }
                 }
-            } else if is_hop_by_hop(name) {
-                s.hop_by_hop = true;
-                if name == header::UPGRADE {
+                "upgrade" => {
+                    s.hop_by_hop = true;
                     upgrade = true;
-                } else if name == header::CONNECTION && !lists {
-                    lists = lists_upgrade(value);
                 }
+                "connection" => {
+                    s.hop_by_hop = true;
+                    lists = lists || lists_upgrade(value);
+                }
+                "transfer-encoding" | "te" | "proxy-authenticate" | "keep-alive"
+                | "proxy-connection" => s.hop_by_hop = true,
+                _ => {}
             }
         }
         s.upgrade = upgrade && lists;
@@ -495,7 +504,25 @@ mod tests {
                 ("content-length", b"caf\xc3\xa9"),
             ],
         ];
-        for case in cases {
+        let alone: Vec<[(&str, &[u8]); 1]> = [
+            "connection",
+            "transfer-encoding",
+            "te",
+            "upgrade",
+            "proxy-authenticate",
+            "keep-alive",
+            "proxy-connection",
+            "x-request-id",
+            "x-forwarded-for",
+            "grpc-timeout",
+            "content-type",
+            "content-length",
+            "host",
+        ]
+        .iter()
+        .map(|n| [(*n, &b"1"[..])])
+        .collect();
+        for case in cases.iter().copied().chain(alone.iter().map(|c| &c[..])) {
             let mut h = HeaderMap::new();
             for (n, v) in case.iter() {
                 h.append(

@@ -47,6 +47,11 @@ pub(super) enum Chunk {
     Trailers,
 }
 
+/// Headers whose places [`parse_head`] notes as it parses; a head with more
+/// is parsed a second time. Most responses carry a handful, and the notes
+/// are cleared on every call.
+const INLINE_SPANS: usize = 24;
+
 /// Where one header's name and value lie in the head: offsets and lengths.
 #[derive(Clone, Copy, Default)]
 struct Span {
@@ -64,7 +69,7 @@ struct Span {
 /// bytes (shared, not copied), and the buffer keeps what follows. The
 /// framing headers are read on the way, with no lookup in the map.
 pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, String> {
-    let mut spans = [Span::default(); MAX_HEADERS];
+    let mut spans = [Span::default(); INLINE_SPANS];
     let (len, code, http10, count) = {
         let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -100,21 +105,40 @@ pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Hea
         StatusCode::from_u16(code).map_err(|_| format!("invalid upstream status {code}"))?;
     let mut headers = HeaderMap::with_capacity(count);
     let mut framing = Framing::default();
-    for span in &spans[..count] {
-        let (n, v) = (span.name as usize, span.value as usize);
-        // Always in range (the offsets came from slices of these bytes);
-        // checked anyway, as an error rather than a panic.
-        let (Some(name), true) = (
-            head.get(n..n + span.name_len as usize),
-            v + span.value_len as usize <= head.len(),
-        ) else {
-            return Err("invalid upstream response head".into());
-        };
+    let mut add = |name: &[u8], value: Bytes| -> Result<(), String> {
         let name = header_name(name).map_err(|_| "invalid upstream header name".to_string())?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + span.value_len as usize))
+        let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("invalid value in upstream header {name}"))?;
         framing.note(&name, &value);
         headers.append(name, value);
+        Ok(())
+    };
+    if count <= INLINE_SPANS {
+        for span in &spans[..count] {
+            let (n, v) = (span.name as usize, span.value as usize);
+            // Always in range (the offsets came from slices of these bytes);
+            // checked anyway, as an error rather than a panic.
+            let (Some(name), true) = (
+                head.get(n..n + span.name_len as usize),
+                v + span.value_len as usize <= head.len(),
+            ) else {
+                return Err("invalid upstream response head".into());
+            };
+            add(name, head.slice(v..v + span.value_len as usize))?;
+        }
+    } else {
+        // More headers than were noted: the split-off head is parsed again,
+        // its slices are then its own.
+        let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        if let Err(e) = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, &head, &mut raw)
+        {
+            return Err(format!("invalid upstream response head: {e}"));
+        }
+        for h in resp.headers.iter() {
+            add(h.name.as_bytes(), head.slice_ref(h.value))?;
+        }
     }
 
     let mut keep_alive = !http10 && !framing.close;
@@ -525,6 +549,32 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(h.decode, Decode::Length(u64::MAX));
+    }
+
+    #[test]
+    fn heads_with_many_headers_parse_whole_and_in_order() {
+        for n in [
+            INLINE_SPANS - 1,
+            INLINE_SPANS,
+            INLINE_SPANS + 1,
+            MAX_HEADERS - 1,
+        ] {
+            let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..n {
+                raw.push_str(&format!("x-h{i}: v{i}\r\n"));
+            }
+            raw.push_str("Content-Length: 2\r\n\r\nok");
+            let mut buf = BytesMut::from(raw.as_str());
+            let h = parse_head(&mut buf, false).unwrap().unwrap();
+            assert_eq!(h.headers.len(), n + 1, "{n} headers");
+            let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+            for i in 0..n {
+                assert_eq!(names[i], format!("x-h{i}"));
+                assert_eq!(h.headers[names[i]], format!("v{i}"));
+            }
+            assert_eq!(h.decode, Decode::Length(2));
+            assert_eq!(&buf[..], b"ok", "the body stays in the buffer");
+        }
     }
 
     #[test]
