@@ -138,30 +138,20 @@ impl Scan {
             // Matched as text: most names are none of these, and a string
             // match rules them out by length, mostly.
             match name.as_str() {
-                "host" => {
-                    if s.host.is_none() {
-                        s.host = Some(value.clone());
-                    }
+                "host" if s.host.is_none() => s.host = Some(value.clone()),
+                "content-type" if !content_type => {
+                    content_type = true;
+                    s.grpc = crate::error::is_grpc_content_type(value);
                 }
-                "content-type" => {
-                    if !content_type {
-                        content_type = true;
-                        s.grpc = crate::error::is_grpc_content_type(value);
-                    }
-                }
-                "content-length" => {
-                    if !length {
-                        length = true;
-                        s.content_length = content_length_value(value);
-                    }
+                "content-length" if !length => {
+                    length = true;
+                    s.content_length = content_length_value(value);
                 }
                 "x-request-id" => s.has_request_id = true,
                 "x-forwarded-for" => s.has_forwarded_for = true,
-                "grpc-timeout" => {
-                    if !s.has_grpc_timeout {
-                        s.has_grpc_timeout = true;
-                        s.grpc_timeout = crate::proxy::timeout::parse_grpc_timeout_value(value);
-                    }
+                "grpc-timeout" if !s.has_grpc_timeout => {
+                    s.has_grpc_timeout = true;
+                    s.grpc_timeout = crate::proxy::timeout::parse_grpc_timeout_value(value);
                 }
                 "upgrade" => {
                     s.hop_by_hop = true;

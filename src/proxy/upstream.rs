@@ -89,7 +89,9 @@ pin_project_lite::pin_project! {
 #[derive(Debug)]
 pub(crate) struct TimedOut;
 
-/// What a [`Call`] is doing.
+/// What a [`Call`] is doing. The exchange is not boxed: it is the common
+/// case, and a box would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum CallState<'a> {
     /// HTTP/1.1 on a pooled connection; the head and method are kept for a
     /// resend on a new connection, should the pooled one turn out closed.

@@ -568,9 +568,9 @@ mod tests {
             let h = parse_head(&mut buf, false).unwrap().unwrap();
             assert_eq!(h.headers.len(), n + 1, "{n} headers");
             let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
-            for i in 0..n {
-                assert_eq!(names[i], format!("x-h{i}"));
-                assert_eq!(h.headers[names[i]], format!("v{i}"));
+            for (i, name) in names.iter().take(n).enumerate() {
+                assert_eq!(*name, format!("x-h{i}"));
+                assert_eq!(h.headers[*name], format!("v{i}"));
             }
             assert_eq!(h.decode, Decode::Length(2));
             assert_eq!(&buf[..], b"ok", "the body stays in the buffer");
