@@ -5,17 +5,17 @@
 //! `path_regex /orders/[0-9]+/items/N`, and last the only one the request
 //! `GET /orders/12345/items` with `x-bench-route: last` matches.
 //!
-//! `200_linear` is the same table tried route by route (the reference
+//! `*_linear` are the same tables tried route by route (the reference
 //! matcher the index is tested against).
 //!
-//! `SPILLWAY_ROUTE_ITERS=N SPILLWAY_ROUTE_TABLE=1|200|200_linear` skips
+//! `SPILLWAY_ROUTE_ITERS=N SPILLWAY_ROUTE_TABLE=1|1_linear|200|200_linear` skips
 //! criterion and routes the request N times with that table, for instruction
 //! counts that do not depend on load (the difference between two runs over
 //! the difference in N):
 //!
 //! ```text
 //! cargo bench --bench router --no-run
-//! for t in 1 200 200_linear; do for n in 0 10000; do
+//! for t in 1 1_linear 200 200_linear; do for n in 0 10000; do
 //!   SPILLWAY_ROUTE_ITERS=$n SPILLWAY_ROUTE_TABLE=$t valgrind --tool=callgrind \
 //!     --callgrind-out-file=/dev/null target/release/deps/router-* 2>&1 | grep refs
 //! done; done
@@ -70,6 +70,7 @@ fn main() {
         for _ in 0..n {
             black_box(match which.as_str() {
                 "1" => one.route(black_box(&req)),
+                "1_linear" => one.route_linear(black_box(&req)),
                 "200_linear" => many.route_linear(black_box(&req)),
                 _ => many.route(black_box(&req)),
             });
@@ -79,6 +80,9 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     let mut g = c.benchmark_group("route_last_of");
     g.bench_function("1", |b| b.iter(|| black_box(one.route(black_box(&req)))));
+    g.bench_function("1_linear", |b| {
+        b.iter(|| black_box(one.route_linear(black_box(&req))))
+    });
     g.bench_function("200", |b| b.iter(|| black_box(many.route(black_box(&req)))));
     g.bench_function("200_linear", |b| {
         b.iter(|| black_box(many.route_linear(black_box(&req))))

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 use regex::Regex;
-use regex_automata::{meta, Input, MatchKind, PatternID, PatternSet};
+use regex_automata::{meta, Anchored, Input, MatchKind};
 use regex_syntax::hir::literal::{ExtractKind, Extractor};
 
 use crate::config::{MatchConfig, PathMatch, RouteConfig};
@@ -72,41 +72,55 @@ const NONE: u32 = u32::MAX;
 /// Which [`Router`] a thread's regex search cache was made for.
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-/// The indexed form of the table.
+/// The indexed form of the table. Conditions are decided for all routes at
+/// once on bitsets of route ids, each kind at most once per request and only
+/// when the first route still standing needs it.
 struct Index {
     /// Unique per router, so a thread-local search cache is never used with
     /// another router's regex.
     id: u64,
+    /// Words of a bitset over the routes.
+    words: usize,
     /// One per route, config order.
     routes: Vec<Entry>,
+    trie: Trie,
     /// Routes whose path condition holds for any path: none given, or a
     /// regex whose matches need not start with any particular literal.
-    always: Vec<u32>,
-    trie: Trie,
-    regexes: Regexes,
+    always: IdSet,
+    /// `None` when no route has `methods:`.
+    methods: Option<MethodIndex>,
     hosts: Hosts,
     headers: Headers,
+    regexes: Regexes,
 }
 
-/// The non-path conditions of one route, as ids into the shared tables.
+/// What a route needs beyond its path prefix, as ids into the shared tables.
 struct Entry {
-    methods: Methods,
-    /// Index into [`Hosts`]' conditions, or [`NONE`].
+    /// Host condition id, or [`NONE`].
     host: u32,
-    /// Pattern id in [`Regexes`], or [`NONE`] (the trie already decided the path).
+    /// Range of [`Headers::route_names`]: the distinct header names it matches on.
+    names: (u32, u32),
+    /// Pattern id in [`Regexes`], or [`NONE`] (the trie decided the path).
     regex: u32,
-    /// Range of [`Headers::route_pairs`]: every pair must be present.
-    headers: (u32, u32),
 }
 
-/// A route's `methods:`: standard methods as bits, others listed.
-struct Methods {
-    /// `None`: any method.
-    mask: Option<u16>,
-    extension: Box<[Method]>,
+/// A set of route ids: a sorted list, or a bitset when that is no larger.
+enum IdSet {
+    List(Box<[u32]>),
+    Dense(Box<[u64]>),
 }
 
-/// The standard methods, by bit.
+/// The routes each method may take.
+struct MethodIndex {
+    /// Per standard method (by [`STANDARD_METHODS`] position): routes that allow it.
+    standard: Vec<Box<[u64]>>,
+    /// Routes without `methods:`.
+    any: IdSet,
+    /// Routes listing methods outside the standard ones, with those methods.
+    extension: Vec<(u32, Box<[Method]>)>,
+}
+
+/// The standard methods; the rest are extension methods.
 const STANDARD_METHODS: [Method; 9] = [
     Method::GET,
     Method::POST,
@@ -119,38 +133,56 @@ const STANDARD_METHODS: [Method; 9] = [
     Method::TRACE,
 ];
 
-fn method_bit(m: &Method) -> Option<u16> {
-    STANDARD_METHODS.iter().position(|s| s == m).map(|i| 1 << i)
-}
-
-/// Byte trie of prefixes and exact paths, flattened.
+/// Path-compressed byte trie of path prefixes, exact paths and regex
+/// literal prefixes, flattened. Node 0 is the root (the empty prefix).
 struct Trie {
     nodes: Vec<Node>,
-    /// Child edges of all nodes, each node's sorted by byte.
+    /// Edge labels of all nodes.
+    labels: Vec<u8>,
+    /// Child edges of all nodes, each node's sorted by first byte.
     edges: Vec<(u8, u32)>,
-    /// Route ids of all nodes.
-    ids: Vec<u32>,
 }
 
 struct Node {
+    /// The bytes from the parent to this node (range of [`Trie::labels`]).
+    label: (u32, u32),
+    /// Range of [`Trie::edges`].
     edges: (u32, u32),
-    /// Routes matching every path that starts with this node's bytes.
-    prefix: (u32, u32),
-    /// Routes matching only the path equal to this node's bytes.
-    exact: (u32, u32),
+    /// Routes for every path that starts with this node's bytes.
+    prefix: IdSet,
+    /// Routes only for the path equal to this node's bytes.
+    exact: IdSet,
 }
 
-/// The `path_regex`es, one pattern per route that has one.
+/// The `path_regex`es, one pattern per route that has one, in route order.
 struct Regexes {
-    /// Every pattern at once; `None` if there are none or it failed to build
-    /// (then each route's own regex runs).
+    /// Every pattern at once, leftmost-first: one search gives the first
+    /// pattern (so the first route) whose regex matches the path. `None` if
+    /// there are none or it failed to build (then each route's own regex runs).
     set: Option<meta::Regex>,
     each: Vec<Regex>,
+    /// Per pattern: its route.
+    route_of: Vec<u32>,
+    /// Routes with a regex (a bitset, empty when there are none).
+    routes: Box<[u64]>,
+}
+
+/// What the combined regex said about this request's path.
+#[derive(Clone, Copy)]
+enum RegexState {
+    NotRun,
+    /// No pattern matches.
+    None,
+    /// The first pattern that matches; later ones are unknown.
+    First(u32),
 }
 
 /// Distinct host conditions, lowercased, each with its id.
 struct Hosts {
-    count: usize,
+    /// Routes with a host condition.
+    routes: IdSet,
+    /// Per condition id: the routes using it.
+    by_condition: Vec<IdSet>,
     /// Exact hosts, sorted.
     exact: Vec<(Box<[u8]>, u32)>,
     /// `*.suffix` stored as `.suffix`, sorted.
@@ -171,30 +203,34 @@ struct Headers {
     names: Vec<HeaderName>,
     /// Per name: its required values, sorted by bytes, with their pair id.
     values: Vec<Vec<(HeaderValue, u32)>>,
-    /// Per pair: its name's index.
-    pair_name: Vec<u32>,
-    /// Per route (ranges in [`Entry::headers`]): the pairs it requires.
-    route_pairs: Vec<u32>,
+    /// Per name: the routes matching on it.
+    name_routes: Vec<IdSet>,
+    /// Per name: routes requiring two or more of its values, with those pairs.
+    several: Vec<Vec<(u32, Box<[u32]>)>>,
+    /// Per pair: the routes requiring it.
+    pair_routes: Vec<IdSet>,
+    /// Per route (ranges in [`Entry::names`]): the distinct names it matches on.
+    route_names: Vec<u32>,
 }
 
 /// Per-thread matching state, reused by every request.
 struct Scratch {
-    candidates: Vec<u64>,
-    host_ok: Vec<u64>,
+    /// Routes still in the running.
+    alive: Vec<u64>,
+    /// Routes meeting the condition being decided.
+    ok: Vec<u64>,
     name_done: Vec<u64>,
     pair_ok: Vec<u64>,
-    patterns: PatternSet,
     /// The search cache of the router with this id.
     cache: Option<(u64, meta::Cache)>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        candidates: Vec::new(),
-        host_ok: Vec::new(),
+        alive: Vec::new(),
+        ok: Vec::new(),
         name_done: Vec::new(),
         pair_ok: Vec::new(),
-        patterns: PatternSet::new(0),
         cache: None,
     });
 }
@@ -324,13 +360,16 @@ impl Compiled {
 
 impl Index {
     fn new(matchers: &[&MatchConfig]) -> Self {
+        let words = matchers.len().div_ceil(64);
         let mut trie = TrieBuilder::default();
         let mut always = Vec::new();
         let mut patterns = Vec::new();
         let mut each = Vec::new();
+        let mut regex_routes = vec![0; words];
+        let mut route_of = Vec::new();
+        let mut methods = MethodsBuilder::default();
         let mut hosts = HostsBuilder::default();
         let mut headers = HeadersBuilder::default();
-        let mut route_headers = Vec::with_capacity(matchers.len());
         let mut routes = Vec::with_capacity(matchers.len());
         for (i, m) in matchers.iter().enumerate() {
             let id = i as u32;
@@ -343,6 +382,8 @@ impl Index {
                     regex = patterns.len() as u32;
                     patterns.push(format!("^(?:{})$", r.source));
                     each.push(r.anchored.clone());
+                    route_of.push(id);
+                    set_bit(&mut regex_routes, id);
                     match literal_prefixes(&r.source) {
                         Some(prefixes) => {
                             for p in prefixes {
@@ -353,35 +394,16 @@ impl Index {
                     }
                 }
             }
-            let methods = match &m.methods {
-                None => Methods {
-                    mask: None,
-                    extension: Box::default(),
-                },
-                Some(list) => Methods {
-                    mask: Some(list.iter().filter_map(method_bit).fold(0, |a, b| a | b)),
-                    extension: list
-                        .iter()
-                        .filter(|x| method_bit(x).is_none())
-                        .cloned()
-                        .collect(),
-                },
-            };
-            let host = m.host.as_deref().map_or(NONE, |h| hosts.add(h));
-            route_headers.push(
-                m.headers
-                    .iter()
-                    .map(|(k, v)| headers.add(k, v))
-                    .collect::<Vec<_>>(),
-            );
+            methods.add(id, m.methods.as_deref());
+            let host = m.host.as_deref().map_or(NONE, |h| hosts.add(h, id));
+            headers.add(id, &m.headers);
             routes.push(Entry {
-                methods,
                 host,
+                names: (0, 0),
                 regex,
-                headers: (0, 0),
             });
         }
-        let headers = headers.finish(&route_headers, &mut routes);
+        let headers = headers.finish(words, &mut routes);
         let set = if patterns.is_empty() {
             None
         } else {
@@ -389,84 +411,100 @@ impl Index {
         };
         Index {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            words,
             routes,
-            always,
-            trie: trie.finish(),
-            regexes: Regexes { set, each },
-            hosts: hosts.finish(),
+            trie: trie.finish(words),
+            always: IdSet::new(&always, words),
+            methods: methods.finish(words),
+            hosts: hosts.finish(words),
             headers,
+            regexes: Regexes {
+                set,
+                each,
+                route_of,
+                routes: regex_routes.into(),
+            },
         }
     }
 
+    /// The first route whose conditions all hold: the first candidate left
+    /// once every condition it has was decided (for all routes at once).
     fn route<B>(&self, s: &mut Scratch, req: &Request<B>) -> Option<usize> {
         let path = req.uri().path();
-        let words = self.routes.len().div_ceil(64);
-        s.prepare(words, self);
-        self.trie.mark(path.as_bytes(), &mut s.candidates);
-        for &i in &self.always {
-            set_bit(&mut s.candidates, i);
+        s.prepare(self);
+        self.trie.mark(path.as_bytes(), &mut s.alive);
+        self.always.or_into(&mut s.alive);
+        if let Some(m) = &self.methods {
+            m.filter(req.method(), s);
         }
-        let method = req.method();
-        let bit = method_bit(method);
         let mut host_done = false;
-        let mut regex_done = false;
-        for w in 0..words {
-            let mut bits = s.candidates[w];
-            while bits != 0 {
-                let i = w * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let Some(e) = self.routes.get(i) else {
-                    continue;
-                };
-                if let Some(mask) = e.methods.mask {
-                    let ok = match bit {
-                        Some(b) => mask & b != 0,
-                        None => e.methods.extension.contains(method),
-                    };
-                    if !ok {
-                        continue;
-                    }
-                }
-                if e.host != NONE {
-                    if !host_done {
-                        self.hosts.decide(request_host(req), &mut s.host_ok);
-                        host_done = true;
-                    }
-                    if !bit_set(&s.host_ok, e.host) {
-                        continue;
-                    }
-                }
-                if !self.headers.route_ok(e, req.headers(), s) {
-                    continue;
-                }
-                if e.regex != NONE {
-                    match &self.regexes.set {
-                        Some(set) => {
-                            if !regex_done {
-                                s.search(self.id, set, path);
-                                regex_done = true;
-                            }
-                            let pid = PatternID::new_unchecked(e.regex as usize);
-                            if !s.patterns.contains(pid) {
-                                continue;
-                            }
-                        }
-                        None => {
-                            let matched = self
-                                .regexes
-                                .each
-                                .get(e.regex as usize)
-                                .is_some_and(|re| re.is_match(path));
-                            if !matched {
-                                continue;
-                            }
-                        }
-                    }
-                }
-                return Some(i);
+        let mut regex = RegexState::NotRun;
+        let mut from = 0;
+        loop {
+            let i = first_set(&s.alive, &mut from)?;
+            let e = self.routes.get(i)?;
+            if e.host != NONE && !host_done {
+                host_done = true;
+                self.hosts.filter(request_host(req), s);
+                continue;
             }
+            let names = self
+                .headers
+                .route_names
+                .get(e.names.0 as usize..e.names.1 as usize)
+                .unwrap_or_default();
+            if let Some(&n) = names.iter().find(|&&n| !bit_set(&s.name_done, n)) {
+                set_bit(&mut s.name_done, n);
+                self.headers.filter(n, req.headers(), s);
+                continue;
+            }
+            if e.regex != NONE {
+                if let (RegexState::NotRun, Some(set)) = (regex, &self.regexes.set) {
+                    regex = s.search(self.id, set, path);
+                    self.drop_regexes_before(regex, &mut s.alive);
+                    continue;
+                }
+                let matched = match regex {
+                    RegexState::First(p) if p == e.regex => true,
+                    RegexState::First(p) if p > e.regex => false,
+                    RegexState::None => false,
+                    // Past the first match (that route fell to another
+                    // condition), or no combined regex: this route's own.
+                    _ => self
+                        .regexes
+                        .each
+                        .get(e.regex as usize)
+                        .is_some_and(|re| re.is_match(path)),
+                };
+                if !matched {
+                    clear_bit(&mut s.alive, i as u32);
+                    continue;
+                }
+            }
+            return Some(i);
         }
-        None
+    }
+
+    /// After the combined regex ran: clears the regex routes before the
+    /// first whose pattern matched (all of them when none did).
+    fn drop_regexes_before(&self, state: RegexState, alive: &mut [u64]) {
+        let end = match state {
+            RegexState::NotRun => return,
+            RegexState::None => usize::MAX,
+            RegexState::First(p) => self
+                .regexes
+                .route_of
+                .get(p as usize)
+                .map_or(usize::MAX, |&r| r as usize),
+        };
+        for (w, (a, r)) in alive.iter_mut().zip(self.regexes.routes.iter()).enumerate() {
+            let below = match end.saturating_sub(w * 64) {
+                0 => break,
+                n if n >= 64 => !0,
+                n => (1u64 << n) - 1,
+            };
+            *a &= !(r & below);
+        }
     }
 }
 
@@ -487,15 +525,16 @@ fn literal_prefixes(source: &str) -> Option<Vec<Vec<u8>>> {
     Some(literals.iter().map(|l| l.as_bytes().to_vec()).collect())
 }
 
-/// One regex of all the anchored patterns, reporting which match (what
-/// `regex::RegexSet` builds, with the size limit scaled to the count).
+/// One regex of all the anchored patterns, earlier patterns preferred: the
+/// pattern a search reports is the first that matches the whole path (each
+/// is `^(?:...)$`, so every match spans it).
 fn build_set(patterns: &[String]) -> Option<meta::Regex> {
     // Validation holds each pattern to 1 MiB.
     let limit = patterns.len().saturating_mul(1 << 20).max(10 << 20);
     let config = meta::Config::new()
-        .match_kind(MatchKind::All)
+        .match_kind(MatchKind::LeftmostFirst)
         .utf8_empty(true)
-        .which_captures(regex_automata::nfa::thompson::WhichCaptures::None)
+        .which_captures(regex_automata::nfa::thompson::WhichCaptures::Implicit)
         .nfa_size_limit(Some(limit))
         .hybrid_cache_capacity(2 * (1 << 20));
     match meta::Builder::new()
@@ -517,46 +556,126 @@ fn set_bit(words: &mut [u64], i: u32) {
     }
 }
 
+fn clear_bit(words: &mut [u64], i: u32) {
+    if let Some(w) = words.get_mut(i as usize / 64) {
+        *w &= !(1 << (i % 64));
+    }
+}
+
 fn bit_set(words: &[u64], i: u32) -> bool {
     words
         .get(i as usize / 64)
         .is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
+/// The lowest set bit at or after word `*from`, leaving `*from` at its word.
+fn first_set(words: &[u64], from: &mut usize) -> Option<usize> {
+    while let Some(&w) = words.get(*from) {
+        if w != 0 {
+            return Some(*from * 64 + w.trailing_zeros() as usize);
+        }
+        *from += 1;
+    }
+    None
+}
+
+/// `v`, cleared: the bitset a condition being decided fills.
+fn cleared(v: &mut [u64]) -> &mut [u64] {
+    v.fill(0);
+    v
+}
+
+fn and_into(out: &mut [u64], with: &[u64]) {
+    for (o, w) in out.iter_mut().zip(with) {
+        *o &= w;
+    }
+}
+
+// === impl IdSet ===
+
+impl IdSet {
+    /// From sorted ids, in whichever form is smaller.
+    fn new(ids: &[u32], words: usize) -> Self {
+        // 8 bytes a word against 4 an id.
+        if !ids.is_empty() && words * 2 <= ids.len() {
+            let mut bits = vec![0; words];
+            for &id in ids {
+                set_bit(&mut bits, id);
+            }
+            IdSet::Dense(bits.into())
+        } else {
+            IdSet::List(ids.into())
+        }
+    }
+
+    fn or_into(&self, out: &mut [u64]) {
+        match self {
+            IdSet::List(ids) => {
+                for &id in ids.iter() {
+                    set_bit(out, id);
+                }
+            }
+            IdSet::Dense(bits) => {
+                for (o, w) in out.iter_mut().zip(bits.iter()) {
+                    *o |= w;
+                }
+            }
+        }
+    }
+
+    /// Drops from `alive` the members of this set that `ok` lacks.
+    fn keep_only(&self, alive: &mut [u64], ok: &[u64]) {
+        match self {
+            IdSet::List(ids) => {
+                for &id in ids.iter() {
+                    if !bit_set(ok, id) {
+                        clear_bit(alive, id);
+                    }
+                }
+            }
+            IdSet::Dense(bits) => {
+                for ((a, w), k) in alive.iter_mut().zip(bits.iter()).zip(ok) {
+                    *a &= !w | k;
+                }
+            }
+        }
+    }
+}
+
 // === impl Scratch ===
 
 impl Scratch {
     /// Sizes and clears the state for one request on `index`.
-    fn prepare(&mut self, words: usize, index: &Index) {
+    fn prepare(&mut self, index: &Index) {
+        // `clear` keeps the allocation: no request after the first on a
+        // thread allocates unless the table grew.
         fn reset(v: &mut Vec<u64>, words: usize) {
-            if v.len() < words {
-                v.resize(words, 0);
-            }
-            v[..words].fill(0);
+            v.clear();
+            v.resize(words, 0);
         }
-        reset(&mut self.candidates, words);
-        reset(&mut self.host_ok, index.hosts.count.div_ceil(64));
+        reset(&mut self.alive, index.words);
+        reset(&mut self.ok, index.words);
         reset(&mut self.name_done, index.headers.names.len().div_ceil(64));
         reset(
             &mut self.pair_ok,
-            index.headers.pair_name.len().div_ceil(64),
+            index.headers.pair_routes.len().div_ceil(64),
         );
     }
 
-    /// Runs the combined regex on `path` into `self.patterns`.
-    fn search(&mut self, router: u64, set: &meta::Regex, path: &str) {
-        if self.patterns.capacity() < set.pattern_len() {
-            self.patterns = PatternSet::new(set.pattern_len());
-        } else {
-            self.patterns.clear();
-        }
+    /// Runs the combined regex on `path`.
+    fn search(&mut self, router: u64, set: &meta::Regex, path: &str) -> RegexState {
         if !matches!(&self.cache, Some((id, _)) if *id == router) {
             // A new cache, not `Cache::reset`: that one panics when the new
             // regex uses an engine the old one did not (regex-automata 0.4).
             self.cache = Some((router, set.create_cache()));
         }
-        if let Some((_, cache)) = &mut self.cache {
-            set.which_overlapping_matches_with(cache, &Input::new(path), &mut self.patterns);
+        let Some((_, cache)) = &mut self.cache else {
+            return RegexState::NotRun;
+        };
+        let input = Input::new(path).anchored(Anchored::Yes);
+        match set.search_half_with(cache, &input) {
+            Some(m) => RegexState::First(m.pattern().as_u32()),
+            None => RegexState::None,
         }
     }
 }
@@ -576,6 +695,7 @@ struct BuildNode {
 }
 
 impl TrieBuilder {
+    /// Adds route `id` under `key`; ids arrive in increasing order.
     fn add(&mut self, key: &[u8], id: u32, exact: bool) {
         if self.nodes.is_empty() {
             self.nodes.push(BuildNode::default());
@@ -600,28 +720,49 @@ impl TrieBuilder {
         }
     }
 
-    fn finish(self) -> Trie {
+    /// Flattens the trie, merging chains of nodes that hold no route and
+    /// have one child into one labelled edge.
+    fn finish(mut self, words: usize) -> Trie {
+        if self.nodes.is_empty() {
+            self.nodes.push(BuildNode::default());
+        }
+        let empty = |n: &BuildNode| n.prefix.is_empty() && n.exact.is_empty();
         let mut trie = Trie {
-            nodes: Vec::with_capacity(self.nodes.len()),
+            nodes: vec![Node {
+                label: (0, 0),
+                edges: (0, 0),
+                prefix: IdSet::new(&self.nodes[0].prefix, words),
+                exact: IdSet::new(&self.nodes[0].exact, words),
+            }],
+            labels: Vec::new(),
             edges: Vec::new(),
-            ids: Vec::new(),
         };
-        for n in &self.nodes {
-            let range = |v: &mut Vec<u32>, ids: &[u32]| {
-                let start = v.len() as u32;
-                v.extend_from_slice(ids);
-                (start, v.len() as u32)
-            };
-            let edge_start = trie.edges.len() as u32;
-            trie.edges
-                .extend(n.children.iter().map(|(&b, &to)| (b, to as u32)));
-            let prefix = range(&mut trie.ids, &n.prefix);
-            let exact = range(&mut trie.ids, &n.exact);
-            trie.nodes.push(Node {
-                edges: (edge_start, trie.edges.len() as u32),
-                prefix,
-                exact,
-            });
+        let mut stack = vec![(0usize, 0usize)];
+        while let Some((from, out)) = stack.pop() {
+            let start = trie.edges.len() as u32;
+            for (&byte, &child) in &self.nodes[from].children {
+                let label_start = trie.labels.len() as u32;
+                trie.labels.push(byte);
+                let mut at = child;
+                while empty(&self.nodes[at]) && self.nodes[at].children.len() == 1 {
+                    let Some((&b, &next)) = self.nodes[at].children.iter().next() else {
+                        break;
+                    };
+                    trie.labels.push(b);
+                    at = next;
+                }
+                let n = &self.nodes[at];
+                let id = trie.nodes.len();
+                trie.nodes.push(Node {
+                    label: (label_start, trie.labels.len() as u32),
+                    edges: (0, 0),
+                    prefix: IdSet::new(&n.prefix, words),
+                    exact: IdSet::new(&n.exact, words),
+                });
+                trie.edges.push((byte, id as u32));
+                stack.push((at, id));
+            }
+            trie.nodes[out].edges = (start, trie.edges.len() as u32);
         }
         trie
     }
@@ -633,31 +774,110 @@ impl Trie {
         let mut at = 0usize;
         let mut depth = 0;
         while let Some(node) = self.nodes.get(at) {
-            for &id in self.slice(node.prefix) {
-                set_bit(out, id);
-            }
+            node.prefix.or_into(out);
             let Some(&b) = path.get(depth) else {
-                for &id in self.slice(node.exact) {
-                    set_bit(out, id);
-                }
+                node.exact.or_into(out);
                 return;
             };
             let edges = self
                 .edges
                 .get(node.edges.0 as usize..node.edges.1 as usize)
                 .unwrap_or_default();
-            match edges.binary_search_by_key(&b, |&(byte, _)| byte) {
-                Ok(k) => at = edges[k].1 as usize,
-                Err(_) => return,
+            let Ok(k) = edges.binary_search_by_key(&b, |&(byte, _)| byte) else {
+                return;
+            };
+            at = edges[k].1 as usize;
+            let Some(child) = self.nodes.get(at) else {
+                return;
+            };
+            let label = self
+                .labels
+                .get(child.label.0 as usize..child.label.1 as usize)
+                .unwrap_or_default();
+            if !path
+                .get(depth..)
+                .is_some_and(|rest| rest.starts_with(label))
+            {
+                return;
             }
-            depth += 1;
+            depth += label.len();
+        }
+    }
+}
+
+// === impl MethodIndex ===
+
+#[derive(Default)]
+struct MethodsBuilder {
+    any: Vec<u32>,
+    lists: Vec<(u32, Vec<Method>)>,
+}
+
+impl MethodsBuilder {
+    fn add(&mut self, id: u32, methods: Option<&[Method]>) {
+        match methods {
+            None => self.any.push(id),
+            Some(list) => self.lists.push((id, list.to_vec())),
         }
     }
 
-    fn slice(&self, (start, end): (u32, u32)) -> &[u32] {
-        self.ids
-            .get(start as usize..end as usize)
-            .unwrap_or_default()
+    fn finish(self, words: usize) -> Option<MethodIndex> {
+        if self.lists.is_empty() {
+            return None;
+        }
+        let standard = STANDARD_METHODS
+            .iter()
+            .map(|m| {
+                let mut bits = vec![0; words];
+                for &id in &self.any {
+                    set_bit(&mut bits, id);
+                }
+                for (id, list) in &self.lists {
+                    if list.contains(m) {
+                        set_bit(&mut bits, *id);
+                    }
+                }
+                bits.into_boxed_slice()
+            })
+            .collect();
+        let extension = self
+            .lists
+            .into_iter()
+            .filter_map(|(id, list)| {
+                let ext: Box<[Method]> = list
+                    .into_iter()
+                    .filter(|m| !STANDARD_METHODS.contains(m))
+                    .collect();
+                (!ext.is_empty()).then_some((id, ext))
+            })
+            .collect();
+        Some(MethodIndex {
+            standard,
+            any: IdSet::new(&self.any, words),
+            extension,
+        })
+    }
+}
+
+impl MethodIndex {
+    /// Drops the routes whose `methods:` exclude `method`.
+    fn filter(&self, method: &Method, s: &mut Scratch) {
+        let standard = STANDARD_METHODS
+            .iter()
+            .position(|m| m == method)
+            .and_then(|k| self.standard.get(k));
+        if let Some(allowed) = standard {
+            and_into(&mut s.alive, allowed);
+            return;
+        }
+        let ok = cleared(&mut s.ok);
+        self.any.or_into(ok);
+        for (id, list) in &self.extension {
+            if list.contains(method) {
+                set_bit(ok, *id);
+            }
+        }
+        and_into(&mut s.alive, &s.ok);
     }
 }
 
@@ -666,19 +886,33 @@ impl Trie {
 #[derive(Default)]
 struct HostsBuilder {
     ids: BTreeMap<String, u32>,
+    by_condition: Vec<Vec<u32>>,
+    routes: Vec<u32>,
 }
 
 impl HostsBuilder {
-    /// The id of host condition `h` (exact, or `*` + suffix).
-    fn add(&mut self, h: &str) -> u32 {
-        let key = h.to_ascii_lowercase();
+    /// The id of host condition `h` (exact, or `*` + suffix) of route `route`.
+    fn add(&mut self, h: &str, route: u32) -> u32 {
         let next = self.ids.len() as u32;
-        *self.ids.entry(key).or_insert(next)
+        let id = *self.ids.entry(h.to_ascii_lowercase()).or_insert(next);
+        if id == next {
+            self.by_condition.push(Vec::new());
+        }
+        if let Some(list) = self.by_condition.get_mut(id as usize) {
+            list.push(route);
+        }
+        self.routes.push(route);
+        id
     }
 
-    fn finish(self) -> Hosts {
+    fn finish(self, words: usize) -> Hosts {
         let mut hosts = Hosts {
-            count: self.ids.len(),
+            routes: IdSet::new(&self.routes, words),
+            by_condition: self
+                .by_condition
+                .iter()
+                .map(|ids| IdSet::new(ids, words))
+                .collect(),
             exact: Vec::new(),
             suffix: Vec::new(),
             other: Vec::new(),
@@ -696,24 +930,37 @@ impl HostsBuilder {
 }
 
 impl Hosts {
-    /// Sets the bit of every host condition `host` meets.
-    fn decide(&self, host: Option<&str>, out: &mut [u64]) {
+    /// Drops the routes whose host condition `host` does not meet.
+    fn filter(&self, host: Option<&str>, s: &mut Scratch) {
+        let ok = cleared(&mut s.ok);
+        self.decide(host, |id| {
+            if let Some(routes) = self.by_condition.get(id as usize) {
+                routes.or_into(ok);
+            }
+        });
+        self.routes.keep_only(&mut s.alive, &s.ok);
+    }
+
+    /// Calls `met` with every host condition `host` meets.
+    fn decide(&self, host: Option<&str>, mut met: impl FnMut(u32)) {
         let Some(h) = host else { return };
         let h = h.as_bytes();
+        let tail_is =
+            |s: &[u8]| h.len() > s.len() && h[h.len() - s.len()..].eq_ignore_ascii_case(s);
         for (s, id) in &self.other {
-            if h.len() > s.len() && h[h.len() - s.len()..].eq_ignore_ascii_case(s) {
-                set_bit(out, *id);
+            if tail_is(s) {
+                met(*id);
             }
         }
         if h.len() > MAX_INDEXED_HOST {
             for (e, id) in &self.exact {
                 if h.eq_ignore_ascii_case(e) {
-                    set_bit(out, *id);
+                    met(*id);
                 }
             }
             for (s, id) in &self.suffix {
-                if h.len() > s.len() && h[h.len() - s.len()..].eq_ignore_ascii_case(s) {
-                    set_bit(out, *id);
+                if tail_is(s) {
+                    met(*id);
                 }
             }
             return;
@@ -730,13 +977,13 @@ impl Hosts {
                 .map(|j| table[j].1)
         };
         if let Some(id) = find(&self.exact, lower) {
-            set_bit(out, id);
+            met(id);
         }
         if !self.suffix.is_empty() {
             // `*.b.c` matches `a.b.c`: every suffix from a dot past the first byte.
             for (at, _) in lower.iter().enumerate().skip(1).filter(|(_, &c)| c == b'.') {
                 if let Some(id) = find(&self.suffix, &lower[at..]) {
-                    set_bit(out, id);
+                    met(id);
                 }
             }
         }
@@ -745,27 +992,32 @@ impl Hosts {
 
 // === impl Headers ===
 
+type PairKey = (String, Vec<u8>);
+
 #[derive(Default)]
 struct HeadersBuilder {
-    pairs: BTreeSet<(String, Vec<u8>)>,
+    pairs: BTreeSet<PairKey>,
+    routes: Vec<(u32, Vec<PairKey>)>,
 }
 
 impl HeadersBuilder {
-    /// Records a required pair; its key until [`HeadersBuilder::finish`] assigns ids.
-    fn add(&mut self, name: &HeaderName, value: &HeaderValue) -> (String, Vec<u8>) {
-        let key = (name.as_str().to_string(), value.as_bytes().to_vec());
-        self.pairs.insert(key.clone());
-        key
+    fn add(&mut self, route: u32, headers: &[(HeaderName, HeaderValue)]) {
+        if headers.is_empty() {
+            return;
+        }
+        let keys: Vec<PairKey> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        self.pairs.extend(keys.iter().cloned());
+        self.routes.push((route, keys));
     }
 
-    /// Assigns pair ids (grouped by name, BTreeSet order) and each route's range.
-    fn finish(self, route_headers: &[Vec<(String, Vec<u8>)>], routes: &mut [Entry]) -> Headers {
-        let mut out = Headers {
-            names: Vec::new(),
-            values: Vec::new(),
-            pair_name: Vec::new(),
-            route_pairs: Vec::new(),
-        };
+    /// Assigns pair ids (grouped by name, BTreeSet order) and each route's names.
+    fn finish(self, words: usize, routes: &mut [Entry]) -> Headers {
+        let mut names = Vec::new();
+        let mut values: Vec<Vec<(HeaderValue, u32)>> = Vec::new();
+        let mut pair_name = Vec::new();
         let mut ids = BTreeMap::new();
         for (name, value) in self.pairs {
             // Both came from a valid HeaderName / HeaderValue.
@@ -775,65 +1027,81 @@ impl HeadersBuilder {
             ) else {
                 continue;
             };
-            if out.names.last() != Some(&header) {
-                out.names.push(header);
-                out.values.push(Vec::new());
+            if names.last() != Some(&header) {
+                names.push(header);
+                values.push(Vec::new());
             }
-            let pair = out.pair_name.len() as u32;
-            out.pair_name.push(out.names.len() as u32 - 1);
-            if let Some(vs) = out.values.last_mut() {
+            let pair = pair_name.len() as u32;
+            pair_name.push(names.len() as u32 - 1);
+            if let Some(vs) = values.last_mut() {
                 vs.push((v, pair));
             }
             ids.insert((name, value), pair);
         }
-        for (entry, pairs) in routes.iter_mut().zip(route_headers) {
-            let start = out.route_pairs.len() as u32;
-            for p in pairs {
-                // A pair that could not be rebuilt can never be met.
-                out.route_pairs.push(ids.get(p).copied().unwrap_or(NONE));
+        let mut name_lists = vec![Vec::new(); names.len()];
+        let mut pair_lists = vec![Vec::new(); pair_name.len()];
+        let mut several = vec![Vec::new(); names.len()];
+        let mut route_names = Vec::new();
+        for (route, keys) in self.routes {
+            // Pair ids sort by name: each name's pairs are adjacent.
+            let mut pairs: Vec<u32> = keys.iter().filter_map(|k| ids.get(k).copied()).collect();
+            pairs.sort_unstable();
+            pairs.dedup();
+            let start = route_names.len() as u32;
+            for group in pairs.chunk_by(|a, b| pair_name[*a as usize] == pair_name[*b as usize]) {
+                let name = pair_name[group[0] as usize];
+                route_names.push(name);
+                name_lists[name as usize].push(route);
+                for &p in group {
+                    pair_lists[p as usize].push(route);
+                }
+                if group.len() > 1 {
+                    several[name as usize].push((route, group.into()));
+                }
             }
-            entry.headers = (start, out.route_pairs.len() as u32);
+            if let Some(e) = routes.get_mut(route as usize) {
+                e.names = (start, route_names.len() as u32);
+            }
         }
-        out
+        Headers {
+            names,
+            values,
+            name_routes: name_lists.iter().map(|l| IdSet::new(l, words)).collect(),
+            several,
+            pair_routes: pair_lists.iter().map(|l| IdSet::new(l, words)).collect(),
+            route_names,
+        }
     }
 }
 
 impl Headers {
-    /// Whether the request carries every header pair route `e` requires,
-    /// looking each name up at most once per request.
-    fn route_ok(&self, e: &Entry, headers: &HeaderMap, s: &mut Scratch) -> bool {
-        let pairs = self
-            .route_pairs
-            .get(e.headers.0 as usize..e.headers.1 as usize)
-            .unwrap_or_default();
-        for &pair in pairs {
-            let Some(&name) = self.pair_name.get(pair as usize) else {
-                return false;
-            };
-            if !bit_set(&s.name_done, name) {
-                set_bit(&mut s.name_done, name);
-                self.decide(name, headers, &mut s.pair_ok);
-            }
-            if !bit_set(&s.pair_ok, pair) {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Sets the bit of every pair of header `name` the request meets.
-    fn decide(&self, name: u32, headers: &HeaderMap, out: &mut [u64]) {
-        let (Some(header), Some(values)) = (
+    /// Drops the routes matching on header `name` whose required values of
+    /// it the request lacks.
+    fn filter(&self, name: u32, headers: &HeaderMap, s: &mut Scratch) {
+        let (Some(header), Some(values), Some(routes)) = (
             self.names.get(name as usize),
             self.values.get(name as usize),
+            self.name_routes.get(name as usize),
         ) else {
             return;
         };
+        let ok = cleared(&mut s.ok);
         for have in headers.get_all(header) {
-            if let Ok(j) = values.binary_search_by(|(v, _)| v.as_bytes().cmp(have.as_bytes())) {
-                set_bit(out, values[j].1);
+            let found = values.binary_search_by(|(v, _)| v.as_bytes().cmp(have.as_bytes()));
+            if let Ok(j) = found {
+                let pair = values[j].1;
+                set_bit(&mut s.pair_ok, pair);
+                if let Some(r) = self.pair_routes.get(pair as usize) {
+                    r.or_into(ok);
+                }
             }
         }
+        for (route, pairs) in self.several.get(name as usize).into_iter().flatten() {
+            if !pairs.iter().all(|&p| bit_set(&s.pair_ok, p)) {
+                clear_bit(ok, *route);
+            }
+        }
+        routes.keep_only(&mut s.alive, &s.ok);
     }
 }
 
