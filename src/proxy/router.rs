@@ -226,13 +226,15 @@ struct Scratch {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        alive: Vec::new(),
-        ok: Vec::new(),
-        name_done: Vec::new(),
-        pair_ok: Vec::new(),
-        cache: None,
-    });
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            alive: Vec::new(),
+            ok: Vec::new(),
+            name_done: Vec::new(),
+            pair_ok: Vec::new(),
+            cache: None,
+        })
+    };
 }
 
 // === impl Router ===
