@@ -28,7 +28,7 @@ use http::Request;
 use spillway::bench_api::router::Router;
 
 /// The routes of the load benchmark: `n - 1` that the request does not match, then one that it does.
-fn table(n: usize) -> Router {
+fn routes(n: usize) -> Vec<spillway::config::RouteConfig> {
     let mut y = String::from(
         "version: 1\nlisteners: [{name: l, bind: \"127.0.0.1:0\"}]\nupstreams: {app: {endpoints: [\"127.0.0.1:1\"]}}\nroutes:\n",
     );
@@ -43,7 +43,7 @@ fn table(n: usize) -> Router {
     }
     y.push_str("  - {name: last, match: {path_regex: '/orders/[0-9]+/items', headers: {x-bench-route: last}, methods: [GET]}, upstream: app}\n");
     let loaded = spillway::config::load_str(&y, "bench.yaml").unwrap_or_else(|e| panic!("{e}"));
-    Router::new(&loaded.config.routes)
+    loaded.config.routes
 }
 
 fn request() -> Request<()> {
@@ -56,8 +56,9 @@ fn request() -> Request<()> {
 }
 
 fn main() {
-    let one = table(1);
-    let many = table(200);
+    let table = routes(200);
+    let one = Router::new(&routes(1));
+    let many = Router::new(&table);
     let req = request();
     assert_eq!(one.route(&req), Some(0));
     assert_eq!(many.route(&req), Some(199));
@@ -88,5 +89,22 @@ fn main() {
         b.iter(|| black_box(many.route_linear(black_box(&req))))
     });
     g.finish();
+    // What a reload pays to build the table: with the same `path_regex`es
+    // the combined regex is reused; with one changed (two tables in turn)
+    // it is compiled again.
+    c.bench_function("route_table_build/200_same_regexes", |b| {
+        b.iter(|| black_box(Router::new(black_box(&table))))
+    });
+    let mut other = routes(200);
+    if let Some(r) = other.first_mut() {
+        r.matcher = table[1].matcher.clone();
+    }
+    let mut flip = false;
+    c.bench_function("route_table_build/200_regexes_changed", |b| {
+        b.iter(|| {
+            flip = !flip;
+            black_box(Router::new(black_box(if flip { &table } else { &other })))
+        })
+    });
     c.final_summary();
 }

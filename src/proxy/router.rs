@@ -6,25 +6,29 @@
 //! `*.suffix`, case-insensitive, port stripped) and exact header matches
 //! (any value of a repeated header may match).
 //!
-//! Matching does not try the routes one by one. The table is indexed:
+//! The routes are not tried one by one. Matching works on bitsets of route
+//! ids:
 //!
-//! - a byte trie of every path prefix, exact path and regex literal prefix
-//!   (what every match of the regex must start with) yields the only routes
-//!   the path can match, plus those that match any path (no path condition,
-//!   or a regex without a literal prefix such as `.*\.png`);
-//! - all `path_regex`es form one multi-pattern regex, run at most once per
-//!   request and only when a candidate's other conditions hold;
-//! - each distinct header name is looked up once per request, each distinct
-//!   host condition decided once (a sorted table of exact hosts and one of
-//!   `*.suffix`es, searched with the lowercased request host).
+//! - a path-compressed byte trie of every path prefix, exact path and regex
+//!   literal prefix (what every match of the regex must start with) marks
+//!   the routes the path can match, plus those any path can (no path
+//!   condition, or a regex without a literal prefix such as `.*\.png`);
+//! - the method keeps the routes that allow it (one AND per bitset word);
+//! - then, while the first route still standing has a condition not yet
+//!   decided, that kind of condition is decided for all routes at once: the
+//!   host (looked up, lowercased, in a sorted table of exact hosts and one of
+//!   `*.suffix`es), one header name (looked up once, its values searched in
+//!   the sorted values routes require), or the path regexes: all of them form
+//!   one regex whose leftmost-first search gives the first route whose regex
+//!   matches, clearing every regex route before it.
 //!
-//! Candidates are then checked in config order with those memoized answers,
-//! so the first match is the same as a linear scan's. The per-request state
-//! (bitsets, the regex's pattern set and search cache) lives in a
+//! Each kind of condition is decided at most once per request, so the first
+//! route left is the one a linear scan finds (the linear scan is kept as the
+//! reference, [`Router::route_linear`]). The per-request state lives in a
 //! thread-local scratch sized by the largest table the thread has used: a
 //! request allocates nothing. With 200 routes and the request matching the
-//! last, routing costs about as much as with one route (docs/benchmarks.md,
-//! "Many routes").
+//! last, routing costs about 600 instructions more than with one route
+//! (docs/benchmarks.md, "Many routes").
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,15 +73,21 @@ enum HostMatch {
 /// Marks "no such condition" in [`Entry`]'s id fields.
 const NONE: u32 = u32::MAX;
 
-/// Which [`Router`] a thread's regex search cache was made for.
+/// Ids of combined regexes, so a thread's search cache is used only with
+/// the regex it was made for.
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// The last combined regex built, by its patterns: a reload that leaves the
+/// `path_regex`es as they were reuses it (and threads keep their caches)
+/// instead of compiling it again.
+type BuiltSet = (Vec<String>, u64, meta::Regex);
+static LAST_SET: parking_lot::Mutex<Option<BuiltSet>> = parking_lot::const_mutex(None);
 
 /// The indexed form of the table. Conditions are decided for all routes at
 /// once on bitsets of route ids, each kind at most once per request and only
 /// when the first route still standing needs it.
 struct Index {
-    /// Unique per router, so a thread-local search cache is never used with
-    /// another router's regex.
+    /// Id of `regexes.set`, which a thread-local search cache belongs to.
     id: u64,
     /// Words of a bitset over the routes.
     words: usize,
@@ -406,13 +416,12 @@ impl Index {
             });
         }
         let headers = headers.finish(words, &mut routes);
-        let set = if patterns.is_empty() {
-            None
-        } else {
-            build_set(&patterns)
+        let (id, set) = match patterns.is_empty() {
+            true => (NONE.into(), None),
+            false => build_set(patterns).map_or((NONE.into(), None), |(id, re)| (id, Some(re))),
         };
         Index {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             words,
             routes,
             trie: trie.finish(words),
@@ -530,7 +539,12 @@ fn literal_prefixes(source: &str) -> Option<Vec<Vec<u8>>> {
 /// One regex of all the anchored patterns, earlier patterns preferred: the
 /// pattern a search reports is the first that matches the whole path (each
 /// is `^(?:...)$`, so every match spans it).
-fn build_set(patterns: &[String]) -> Option<meta::Regex> {
+fn build_set(patterns: Vec<String>) -> Option<(u64, meta::Regex)> {
+    if let Some((last, id, re)) = LAST_SET.lock().as_ref() {
+        if *last == patterns {
+            return Some((*id, re.clone()));
+        }
+    }
     // Validation holds each pattern to 1 MiB.
     let limit = patterns.len().saturating_mul(1 << 20).max(10 << 20);
     let config = meta::Config::new()
@@ -539,12 +553,16 @@ fn build_set(patterns: &[String]) -> Option<meta::Regex> {
         .which_captures(regex_automata::nfa::thompson::WhichCaptures::Implicit)
         .nfa_size_limit(Some(limit))
         .hybrid_cache_capacity(2 * (1 << 20));
-    match meta::Builder::new()
+    let built = meta::Builder::new()
         .configure(config)
         .syntax(regex_automata::util::syntax::Config::new().utf8(true))
-        .build_many(patterns)
-    {
-        Ok(re) => Some(re),
+        .build_many(&patterns);
+    match built {
+        Ok(re) => {
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            *LAST_SET.lock() = Some((patterns, id, re.clone()));
+            Some((id, re))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "path_regex routes are matched one by one: their combined regex did not build");
             None
