@@ -27,7 +27,7 @@
 //! reference, [`Router::route_linear`]). The per-request state lives in a
 //! thread-local scratch sized by the largest table the thread has used: a
 //! request allocates nothing. With 200 routes and the request matching the
-//! last, routing costs about 600 instructions more than with one route
+//! last, routing costs about 460 instructions more than with one route
 //! (docs/benchmarks.md, "Many routes").
 
 use std::cell::RefCell;
