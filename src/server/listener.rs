@@ -1229,11 +1229,21 @@ mod tests {
         read_response(c).await
     }
 
-    async fn get_ok(c: &mut TcpStream, path: &str) {
-        let (head, body) = get(c, path).await;
+    /// Reads a response that must be 200 with the test service's body for
+    /// `path`; returns its head.
+    async fn read_ok(c: &mut TcpStream, path: &str) -> String {
+        let (head, body) = read_response(c).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert!(!head.contains("connection: close"), "{head}");
         assert_eq!(body, format!("ok {path}").as_bytes());
+        head
+    }
+
+    async fn get_ok(c: &mut TcpStream, path: &str) {
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = read_ok(c, path).await;
+        assert!(!head.contains("connection: close"), "{head}");
     }
 
     fn no_slow() -> TestBody {
@@ -1284,9 +1294,7 @@ mod tests {
             .write_all(b"TP/1.1\r\nHost: t\r\n\r\n")
             .await
             .unwrap();
-        let (head, body) = read_response(&mut s.client).await;
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert_eq!(body, b"ok /a");
+        read_ok(&mut s.client, "/a").await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -1315,18 +1323,14 @@ mod tests {
             .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HT")
             .await
             .unwrap();
-        let (head, body) = read_response(&mut s.client).await;
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert_eq!(body, b"ok /a");
+        read_ok(&mut s.client, "/a").await;
         // Idle with the start of /b read: long enough to park.
         tokio::time::sleep(PARK_AFTER * 3).await;
         s.client
             .write_all(b"TP/1.1\r\nHost: t\r\n\r\n")
             .await
             .unwrap();
-        let (head, body) = read_response(&mut s.client).await;
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert_eq!(body, b"ok /b");
+        read_ok(&mut s.client, "/b").await;
         get_ok(&mut s.client, "/c").await;
     }
 
