@@ -146,6 +146,72 @@ async fn reserved_share_and_highest_class_first() {
     );
 }
 
+/// Headroom instead of a queue (`max_depth: 0`): lower classes are refused on
+/// arrival at the unreserved part of the limit, critical requests take the
+/// reserved rest, and nothing ever waits in the proxy.
+#[tokio::test]
+async fn with_no_queue_the_reserved_headroom_admits_critical_and_refuses_the_rest_at_once() {
+    let gate = Gate::new();
+    let up = gated(&gate).await;
+    let extra = format!(
+        "    concurrency:\n      max_in_flight: 4\n    queue:\n      max_depth: 0\n    timeouts:\n      request: 30s\n{CLASSES}      reserved: {{ critical: 50% }}\n"
+    );
+    let h = ProxyHarness::start(&yaml(up.addr(), &extra)).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    spawn_req(&h, "/d1", &[], &tx);
+    spawn_req(&h, "/s1", &[("x-spillway-priority", "sheddable")], &tx);
+    up.wait_hits(2).await;
+    // Two permits are free, but only for critical: the others get 429 now.
+    for (path, class) in [("/s2", "sheddable"), ("/d2", "default")] {
+        spawn_req(&h, path, &[("x-spillway-priority", class)], &tx);
+        let (got, seen) = next(&mut rx).await;
+        assert_eq!(got, path);
+        assert_eq!(seen.status, 429, "{path}");
+        assert_eq!(seen.reason.as_deref(), Some("queue_full"), "{path}");
+    }
+    spawn_req(&h, "/c1", &[("x-spillway-priority", "critical")], &tx);
+    spawn_req(&h, "/c2", &[("x-spillway-priority", "critical")], &tx);
+    up.wait_hits(4).await;
+    // At the limit, a critical arrival is refused too: nothing queues.
+    spawn_req(&h, "/c3", &[("x-spillway-priority", "critical")], &tx);
+    let (got, seen) = next(&mut rx).await;
+    assert_eq!((got.as_str(), seen.status.as_u16()), ("/c3", 429));
+    assert_eq!(seen.reason.as_deref(), Some("queue_full"));
+    assert_eq!(
+        metric(&h, "spillway_queue_depth", &[("route", "api")]).await,
+        0.0
+    );
+    gate.open();
+    for _ in 0..4 {
+        let (path, seen) = next(&mut rx).await;
+        assert_eq!(seen.status, 200, "{path}");
+    }
+    assert_eq!(up.hits_for_path("/s2") + up.hits_for_path("/d2"), 0);
+    assert_eq!(
+        metric(
+            &h,
+            "spillway_rejections_total",
+            &[("route", "api"), ("reason", "queue_full")]
+        )
+        .await,
+        3.0
+    );
+    for (class, admitted, shed) in [
+        ("critical", 2.0, 1.0),
+        ("default", 1.0, 1.0),
+        ("sheddable", 1.0, 1.0),
+    ] {
+        for (outcome, want) in [("admitted", admitted), ("shed", shed)] {
+            let labels = [("route", "api"), ("class", class), ("outcome", outcome)];
+            assert_eq!(
+                metric(&h, "spillway_priority_requests_total", &labels).await,
+                want,
+                "{class} {outcome}"
+            );
+        }
+    }
+}
+
 /// A route with one permit, one queue place and the three classes, whose
 /// one permit is taken by a request held at the upstream.
 async fn one_slot_held() -> (

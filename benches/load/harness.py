@@ -774,7 +774,15 @@ PRIO_RESERVED = os.environ.get("PRIO_RESERVED", "25%")
 # server idles between a response and the proxy's next request.
 PRIO_CAP = int(os.environ.get("PRIO_CAP", str(CAPACITY)))
 PRIO_PARTS = os.environ.get("PRIO_PARTS", "priority,fairness,shadow").split(",")
-PRIO_TARGETS = ["haproxy", "nginx", "spillway"]
+# spillway-headroom (priority part only) protects critical requests with
+# reserved headroom instead of a queue: a limit of PRIO_HEADROOM_CAP with
+# PRIO_HEADROOM_RESERVED of it reserved for `critical` (lower classes stop at
+# the rest, one more than the upstream's servers by default) and no queue, so
+# every refusal is made on arrival and none waits first.
+PRIO_HEADROOM_CAP = int(os.environ.get("PRIO_HEADROOM_CAP", str(2 * (CAPACITY + 1))))
+PRIO_HEADROOM_RESERVED = os.environ.get("PRIO_HEADROOM_RESERVED", "50%")
+PRIO_DEPTH = 16
+PRIO_TARGETS = ["haproxy", "nginx", "spillway", "spillway-headroom"]
 PRIO_STREAMS = {
     # name, rate, header, oha -c
     "priority": [("critical", 320, "x-spillway-priority: critical", 64),
@@ -791,11 +799,11 @@ PRIO_STREAMS["shadow"] = PRIO_STREAMS["priority"]
 SHADOW_CAPACITY = int(os.environ.get("SHADOW_CAPACITY", "64"))
 
 
-def spillway_policy(part):
+def spillway_policy(part, reserved=None):
     prio = ("    priority:\n"
             "      classes: [critical, default, sheddable]\n"
             "      default: default\n"
-            f"      reserved: {{critical: {PRIO_RESERVED}}}")
+            f"      reserved: {{critical: {reserved or PRIO_RESERVED}}}")
     if part == "priority":
         return prio
     if part == "shadow":
@@ -830,10 +838,17 @@ def start_prio_proxy(target, part, up_port):
         conf = render("haproxy-priority.cfg", f"haproxy-{part}.cfg", PORT=port, UPSTREAM=up,
                       RULES=HAPROXY_RULES[part], CAP=PRIO_CAP)
         argv = ["haproxy", "-db", "-f", conf]
+    elif target == "spillway-headroom":
+        admin = free_port()
+        conf = render("spillway-priority.yaml", f"{target}.yaml", PORT=port, ADMIN_PORT=admin,
+                      UPSTREAM=up, CAP=PRIO_HEADROOM_CAP, DEPTH=0,
+                      POLICY=spillway_policy(part, reserved=PRIO_HEADROOM_RESERVED))
+        argv = [SPILLWAY, "run", "--config", conf]
     else:
         admin = free_port()
         conf = render("spillway-priority.yaml", f"{target}.yaml", PORT=port, ADMIN_PORT=admin,
-                      UPSTREAM=up, CAP=PRIO_CAP, POLICY=spillway_policy("shadow" if target == "spillway-shadow"
+                      UPSTREAM=up, CAP=PRIO_CAP, DEPTH=PRIO_DEPTH,
+                      POLICY=spillway_policy("shadow" if target == "spillway-shadow"
                                              else "priority" if part == "shadow" else part))
         argv = [SPILLWAY, "run", "--config", conf]
     err = check_config(target, argv)
@@ -1090,7 +1105,8 @@ def prio_case(kind, part, target, rnd, notes):
 def priority():
     kind = upstream_kind("overload")
     entry = {"scenario": "priority", "upstream": kind, "rounds": ROUNDS, "duration": PRIO_DURATION,
-             "reserved": PRIO_RESERVED, "cap": PRIO_CAP, "cal_duration": CAL_DURATION, "parts": {}, "capacity": [], "notes": [],
+             "reserved": PRIO_RESERVED, "cap": PRIO_CAP, "headroom_cap": PRIO_HEADROOM_CAP,
+             "headroom_reserved": PRIO_HEADROOM_RESERVED, "cal_duration": CAL_DURATION, "parts": {}, "capacity": [], "notes": [],
              "start_load": loadavg()}
     global START_LOAD
     START_LOAD = entry["start_load"]
@@ -1107,7 +1123,8 @@ def priority():
         load = {"before": loadavg()}
         res = []
         for rnd in range(ROUNDS):
-            order = ["spillway", "spillway-shadow"] if part == "shadow" else targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+            ts = [t for t in targets if part == "priority" or t != "spillway-headroom"]
+            order = ["spillway", "spillway-shadow"] if part == "shadow" else ts[rnd % len(ts):] + ts[:rnd % len(ts)]
             for t in order:
                 r = prio_case(kind, part, t, rnd, entry["notes"])
                 if r:
@@ -1135,6 +1152,10 @@ def render_priority(entry):
            f"`maxconn {entry.get('cap', CAPACITY)}`, `timeout queue 200ms`, deny at queue 16, "
            "`set-priority-class` critical -1 / sheddable 1 (priority part only). nginx "
            f"`max_conns={entry.get('cap', CAPACITY)}` (no queue, no priority, no fairness: 502 when all are busy)",
+           f"- spillway-headroom (priority part only): `max_in_flight: {entry.get('headroom_cap', 2 * (CAPACITY + 1))}`, "
+           f"`reserved: {{critical: {entry.get('headroom_reserved', '50%')}}}`, `queue: {{max_depth: 0}}`: "
+           "lower classes stop at the unreserved part of the limit, critical requests may use all of it, "
+           "and nothing waits in Spillway, so every refusal is made on arrival",
            f"- load: one open-loop oha per stream (`-q RATE --latency-correction`), all at once, {dur} s; "
            "success = 2xx / requests answered; latencies of 2xx and of everything else "
            "(`--stats-success-breakdown`)", ""]
@@ -1199,9 +1220,11 @@ def render_priority(entry):
             out += ["Per answer, from a loopback capture (`PRIO_CAPTURE=1`: dumpcap, then tshark's "
                     "`http.time`, the proxy's time from each request to its response):", "",
                     table(["target", "stream", "answer", "per s", "p50 ms", "p99 ms"], cap_rows), ""]
-        sp = [r for r in res if r["target"] == "spillway"]
-        if sp:
-            out += ["Spillway's own counters per run (median): rejections by reason "
+        for sp_target in ("spillway", "spillway-headroom"):
+            sp = [r for r in res if r["target"] == sp_target]
+            if not sp:
+                continue
+            out += [f"{sp_target}'s own counters per run (median): rejections by reason "
                     + ", ".join(f"{k} {med([r['rejections'].get(k, 0) for r in sp]):,.0f}"
                                 for k in sorted({k for r in sp for k in r["rejections"]}))
                     + "; peaks sampled each second: "
