@@ -71,18 +71,17 @@ pub(crate) struct Endpoint {
     outcomes: LabelCounters<AttemptOutcome>,
 }
 
-pin_project_lite::pin_project! {
-    /// One attempt in flight ([`Upstream::send`]), bounded by its deadline.
-    pub(crate) struct Call<'a> {
-        upstream: &'a Upstream,
-        ep: &'a EndpointLoad,
-        connect_stage: &'a Histogram,
-        state: CallState<'a>,
-        deadline: Instant,
-        // Armed when the call first has to wait.
-        #[pin]
-        sleep: Option<Sleep>,
-    }
+/// One attempt in flight ([`Upstream::send`]), bounded by its deadline.
+pub(crate) struct Call<'a> {
+    upstream: &'a Upstream,
+    ep: &'a EndpointLoad,
+    connect_stage: &'a Histogram,
+    state: CallState<'a>,
+    deadline: Instant,
+    // Armed when the call first has to wait, unless the call is on a
+    // pooled connection, whose own timer is used. Boxed: only a new
+    // connection needs it.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 /// The attempt's deadline passed before the response head came.
@@ -321,8 +320,18 @@ impl Upstream {
             }
             None => {
                 let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-                let head = h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
-                    .freeze();
+                let pool = &ep.0.pool;
+                let mut pooled = pool.checkout();
+                // A pooled connection encodes into its own head buffer.
+                let head = match &mut pooled {
+                    Some(conn) => {
+                        conn.encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
+                    }
+                    None => {
+                        h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
+                            .freeze()
+                    }
+                };
                 let method = parts.method;
                 // The request's headers and URI share the client connection's
                 // read buffer; dropping them here lets hyper reuse that buffer
@@ -330,8 +339,7 @@ impl Upstream {
                 // request is in flight.
                 drop(parts.headers);
                 drop(parts.uri);
-                let pool = &ep.0.pool;
-                match pool.checkout() {
+                match pooled {
                     Some(conn) => CallState::Pooled {
                         exchange: h1::exchange(
                             conn,
@@ -510,7 +518,7 @@ impl Future for Call<'_> {
     type Output = Result<Result<Response<RespBody>, AttemptError>, TimedOut>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.get_mut();
         let had_budget_before = tokio::task::coop::has_budget_remaining();
         if let Poll::Ready(r) = this
             .state
@@ -518,12 +526,17 @@ impl Future for Call<'_> {
         {
             return Poll::Ready(Ok(r));
         }
-        if this.sleep.is_none() {
-            this.sleep
-                .set(Some(tokio::time::sleep_until(*this.deadline)));
-        }
-        let Some(sleep) = this.sleep.as_pin_mut() else {
-            return Poll::Pending;
+        let deadline = this.deadline;
+        let pooled_timer = match &mut this.state {
+            CallState::Pooled { exchange, .. } => exchange.deadline_timer(deadline),
+            _ => None,
+        };
+        let sleep = match pooled_timer {
+            Some(t) => t,
+            None => this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+                .as_mut(),
         };
         // As tokio's `Timeout` does: when the call used up the task's budget,
         // the deadline is still looked at.

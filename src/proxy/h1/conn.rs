@@ -9,10 +9,11 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use super::decode::{decode_step, parse_head, Decode, Head, Step};
 use super::encode::{framing, push_hex, Framing};
-use super::pool::{Conn, Pool};
+use super::pool::{Conn, Kept, Pool};
 use super::Io;
 use super::{Error, MAX_CHUNK_EXTENSIONS, MAX_HEAD, MAX_INFORMATIONAL, MAX_READ, READ_CHUNK};
 use crate::proxy::io::UpstreamIo;
@@ -209,6 +210,7 @@ impl WriteQueue {
 struct Wire<T> {
     io: T,
     buf: BytesMut,
+    kept: Option<Pin<Box<Kept>>>,
     pool: Arc<Pool<T>>,
     /// How much to make room for when the buffer runs out.
     next_read: usize,
@@ -271,6 +273,7 @@ pub(crate) fn exchange<T: Io>(
             wire: Some(Wire {
                 io: conn.io,
                 buf: conn.buf,
+                kept: conn.kept,
                 pool,
                 next_read: READ_CHUNK,
             }),
@@ -297,6 +300,17 @@ pub(crate) struct ExchangeFuture<T = UpstreamIo> {
     reused: bool,
     is_head: bool,
     idempotent: bool,
+}
+
+impl<T> ExchangeFuture<T> {
+    /// The connection's timer, set to `deadline`: the caller's per-try
+    /// deadline, polled while the response head is awaited. `None` for a
+    /// connection that has not been pooled, or once the exchange has given
+    /// its connection away.
+    pub(crate) fn deadline_timer(&mut self, deadline: Instant) -> Option<Pin<&mut Sleep>> {
+        let kept = self.ex.wire.as_mut()?.kept.as_mut()?;
+        kept.as_mut().timer(deadline)
+    }
 }
 
 impl<T: Io> std::future::Future for ExchangeFuture<T> {
@@ -495,6 +509,7 @@ impl<T: Io> H1Body<T> {
                 wire.pool.checkin(Conn {
                     io: wire.io,
                     buf: wire.buf,
+                    kept: wire.kept,
                 });
             }
         }

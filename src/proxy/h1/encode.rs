@@ -41,6 +41,21 @@ pub(crate) fn encode_head(
     fwd: Option<&Forwarded>,
     body: &UpstreamBody,
 ) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_head_into(&mut out, method, target, headers, fwd, body);
+    out
+}
+
+/// [`encode_head`] appended to `out`, which grows by the head's size at most
+/// once.
+pub(super) fn encode_head_into(
+    out: &mut BytesMut,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    fwd: Option<&Forwarded>,
+    body: &UpstreamBody,
+) {
     let framing = framing(body);
     let mut len = method.as_str().len() + target.len() + 64;
     for (n, v) in headers {
@@ -49,7 +64,7 @@ pub(crate) fn encode_head(
     if let Some(f) = fwd {
         len += f.encoded_len();
     }
-    let mut out = BytesMut::with_capacity(len);
+    out.reserve(len);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
@@ -67,19 +82,18 @@ pub(crate) fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     if let Some(f) = fwd {
-        f.encode(&mut out);
+        f.encode(out);
     }
     match framing {
         Framing::None => {}
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            push_decimal(&mut out, n);
+            push_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 fn push_decimal(out: &mut BytesMut, mut n: u64) {
