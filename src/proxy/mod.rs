@@ -267,7 +267,7 @@ impl Ledger {
     }
 
     fn record(&self, status: u16, reason: Reason) {
-        record(&self.state, self.arrival, status, reason);
+        record(&self.state, self.arrival, status, reason, Instant::now());
     }
 }
 
@@ -282,13 +282,13 @@ impl Drop for Ledger {
     }
 }
 
-/// Counts one answered request and its duration.
-fn record(state: &RouteState, arrival: Instant, status: u16, reason: Reason) {
+/// Counts one answered request and its duration, which ended at `now`.
+fn record(state: &RouteState, arrival: Instant, status: u16, reason: Reason, now: Instant) {
     state.count_request(status, reason);
     if reason.is_rejection() {
         state.count_rejection(reason);
     }
-    let el = arrival.elapsed().as_secs_f64();
+    let el = now.saturating_duration_since(arrival).as_secs_f64();
     state.hist.duration.observe(el);
     state.hist.total.observe(el);
 }
@@ -353,15 +353,22 @@ async fn forward(
             ep: &ep,
             armed: true,
         };
+        // A route with a fixed cap has no adaptive limiter: its config says
+        // so, without a load of the shared one per attempt.
+        let adaptive = ctx.route.config.concurrency.adaptive.is_some();
         // The load this attempt meets, for the adaptive limit (one atomic load).
-        let in_flight = ctx.state().admission.in_flight();
+        let in_flight = if adaptive {
+            ctx.state().admission.in_flight()
+        } else {
+            0
+        };
         let result = call.await;
         watch.disarm();
         // A timeout while the body waited for the client says nothing about the
         // upstream's latency: no sample.
         let client_stalled =
             result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
-        if !client_stalled {
+        if adaptive && !client_stalled {
             adaptive::observe(ctx.state(), now, in_flight, &result);
         }
         ctx.state()
@@ -818,7 +825,7 @@ fn respond(
                         tracing::debug!("tunnel closed at the end of the drain");
                     }
                 }
-                guard.finish(BodyOutcome::Complete);
+                guard.finish(BodyOutcome::Complete, Instant::now());
             });
             return Response::from_parts(parts, ProxyBody::empty());
         }
@@ -855,7 +862,7 @@ pub(crate) struct RequestGuard {
 }
 
 impl BodyGuard for RequestGuard {
-    fn finish(self, outcome: BodyOutcome) {
+    fn finish(self, outcome: BodyOutcome, now: Instant) {
         let (status, reason) = match outcome {
             BodyOutcome::Complete | BodyOutcome::Error => (self.status, Reason::Upstream),
             BodyOutcome::IdleTimeout => {
@@ -880,7 +887,7 @@ impl BodyGuard for RequestGuard {
                 (ProxyError::new(reason).parts().0.as_u16(), reason)
             }
         };
-        record(&self.state, self.arrival, status, reason);
+        record(&self.state, self.arrival, status, reason, now);
     }
 }
 

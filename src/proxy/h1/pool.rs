@@ -79,10 +79,11 @@ impl<T> Conn<T> {
         let kept = self.kept.get_or_insert_with(Default::default);
         let out = kept.as_mut().project().head_buf;
         // Room for most heads, so one slightly longer than the last does not
-        // grow the buffer; a buffer no other head shares is written over
-        // from its start rather than grown.
+        // grow the buffer, and the head's size need not be added up first; a
+        // buffer no other head shares is written over from its start rather
+        // than grown.
         out.reserve(HEAD_BUF);
-        super::encode::encode_head_into(out, method, target, headers, fwd, body);
+        super::encode::encode_head_into(out, method, target, headers, fwd, body, false);
         out.split().freeze()
     }
 
