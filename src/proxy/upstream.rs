@@ -531,7 +531,7 @@ impl Future for Call<'_> {
             CallState::Pooled { exchange, .. } => exchange.deadline_timer(deadline),
             _ => None,
         };
-        let sleep = match pooled_timer {
+        let mut sleep = match pooled_timer {
             Some(t) => t,
             None => this
                 .sleep
@@ -540,12 +540,20 @@ impl Future for Call<'_> {
         };
         // As tokio's `Timeout` does: when the call used up the task's budget,
         // the deadline is still looked at.
-        let fired = if had_budget_before && !tokio::task::coop::has_budget_remaining() {
-            std::pin::pin!(tokio::task::coop::unconstrained(sleep)).poll(cx)
-        } else {
-            sleep.poll(cx)
-        };
-        fired.map(|()| Err(TimedOut))
+        let exhausted = had_budget_before && !tokio::task::coop::has_budget_remaining();
+        loop {
+            let fired = if exhausted {
+                std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut())).poll(cx)
+            } else {
+                sleep.as_mut().poll(cx)
+            };
+            match fired {
+                // A pooled connection's timer was due at an earlier
+                // deadline: now it waits for this one.
+                Poll::Ready(()) if sleep.deadline() < deadline => sleep.as_mut().reset(deadline),
+                fired => return fired.map(|()| Err(TimedOut)),
+            }
+        }
     }
 }
 

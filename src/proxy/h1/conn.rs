@@ -303,10 +303,11 @@ pub(crate) struct ExchangeFuture<T = UpstreamIo> {
 }
 
 impl<T> ExchangeFuture<T> {
-    /// The connection's timer, set to `deadline`: the caller's per-try
-    /// deadline, polled while the response head is awaited. `None` for a
-    /// connection that has not been pooled, or once the exchange has given
-    /// its connection away.
+    /// The connection's timer, for the caller's per-try `deadline`, polled
+    /// while the response head is awaited: due at `deadline` or before it,
+    /// so when it fires before `deadline` the caller resets it to
+    /// `deadline`. `None` for a connection that has not been pooled, or
+    /// once the exchange has given its connection away.
     pub(crate) fn deadline_timer(&mut self, deadline: Instant) -> Option<Pin<&mut Sleep>> {
         let kept = self.ex.wire.as_mut()?.kept.as_mut()?;
         kept.as_mut().timer(deadline)

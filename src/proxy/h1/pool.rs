@@ -34,21 +34,26 @@ pin_project_lite::pin_project! {
         // Request heads are split off the front of it; once the previous
         // head is dropped (its exchange has ended) its bytes are written over.
         head_buf: BytesMut,
-        // The per-try deadline's timer, reset to each exchange's deadline: a
-        // reset to a later deadline leaves the timer where it is registered
-        // (the driver moves it when its old time comes), where a new timer
-        // per exchange would be registered and deregistered each time.
+        // The per-try deadline's timer (see `Kept::timer`), where a new
+        // timer per exchange would be registered in the timer wheel and
+        // deregistered each time.
         #[pin]
         timer: Option<Sleep>,
     }
 }
 
 impl Kept {
-    /// The timer, set to `deadline` (always there: made if it was not).
+    /// The timer, due at `deadline` or before it (made if there was none).
+    /// One still waiting for an earlier deadline, an earlier exchange's, is
+    /// left where it is: resetting it costs more than the rare early wake,
+    /// after which the caller moves it to its own deadline. Deadlines
+    /// mostly grow from one exchange to the next, so the timer is reset
+    /// about once per deadline's length, not once per exchange.
     pub(super) fn timer(self: Pin<&mut Self>, deadline: Instant) -> Option<Pin<&mut Sleep>> {
         let mut timer = self.project().timer;
         match timer.as_mut().as_pin_mut() {
             Some(t) if t.deadline() == deadline => {}
+            Some(t) if t.deadline() < deadline && !t.is_elapsed() => {}
             Some(t) => t.reset(deadline),
             None => timer.set(Some(tokio::time::sleep_until(deadline))),
         }
