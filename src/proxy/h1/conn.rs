@@ -138,10 +138,12 @@ impl Sender {
 }
 
 /// Bytes waiting for the socket, in order: at most a head and a body, or a
-/// chunk's size line, data and CRLF. Fixed size, so queueing never allocates.
+/// chunk's size line, data and CRLF. Fixed size, so queueing never
+/// allocates. The slots past `len` are empty, and empty slots cost nothing
+/// to drop (a `Bytes` drop is a call through its vtable, even for no bytes).
 #[derive(Default)]
 struct WriteQueue {
-    bufs: [Bytes; QUEUE],
+    bufs: [Option<Bytes>; QUEUE],
     len: usize,
 }
 
@@ -159,20 +161,20 @@ impl WriteQueue {
         if self.len == QUEUE {
             // Never happens (the queue is drained before a frame is taken), but
             // stay correct if it does: merge into the last slot.
-            let last = std::mem::take(&mut self.bufs[QUEUE - 1]);
+            let last = self.bufs[QUEUE - 1].take().unwrap_or_default();
             let mut merged = BytesMut::with_capacity(last.len() + b.len());
             merged.extend_from_slice(&last);
             merged.extend_from_slice(&b);
-            self.bufs[QUEUE - 1] = merged.freeze();
+            self.bufs[QUEUE - 1] = Some(merged.freeze());
             return;
         }
-        self.bufs[self.len] = b;
+        self.bufs[self.len] = Some(b);
         self.len += 1;
     }
 
     fn clear(&mut self) {
         for b in &mut self.bufs[..self.len] {
-            *b = Bytes::new();
+            *b = None;
         }
         self.len = 0;
     }
@@ -180,7 +182,7 @@ impl WriteQueue {
     /// Fills `out` with the queued bytes; returns how many slices are used.
     fn slices<'a>(&'a self, out: &mut [IoSlice<'a>; QUEUE]) -> usize {
         for (s, b) in out.iter_mut().zip(&self.bufs[..self.len]) {
-            *s = IoSlice::new(b);
+            *s = IoSlice::new(b.as_deref().unwrap_or_default());
         }
         self.len
     }
@@ -189,10 +191,13 @@ impl WriteQueue {
     fn advance(&mut self, mut n: usize) {
         let mut done = 0;
         while n > 0 && done < self.len {
-            let front = &mut self.bufs[done];
+            let Some(front) = &mut self.bufs[done] else {
+                done += 1;
+                continue;
+            };
             if n >= front.len() {
                 n -= front.len();
-                *front = Bytes::new();
+                self.bufs[done] = None;
                 done += 1;
             } else {
                 front.advance(n);
