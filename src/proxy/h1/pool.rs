@@ -1,7 +1,6 @@
 //! Idle connections per endpoint.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Weak;
 use std::task::{Context, Poll, Waker};
@@ -207,18 +206,17 @@ impl<T: Io> Pool<T> {
         if conn.buf.capacity() > KEEP_BUFFER {
             conn.buf = BytesMut::new();
         }
+        // The timer keeps the waker of the task that last polled it, and so
+        // that task's allocation, until the next exchange polls it or the
+        // reaper frees it (idle for RELEASE_BUFFER_AFTER, seen at its next
+        // round): one per pooled connection, for seconds at most; if it
+        // fires meanwhile, that task is polled once for nothing. Trading it
+        // for a no-op waker at every check-in cost ~150 instructions per
+        // request.
         if let Some(kept) = &mut conn.kept {
-            let kept = kept.as_mut().project();
-            if kept.head_buf.capacity() > KEEP_BUFFER {
-                *kept.head_buf = BytesMut::new();
-            }
-            if let Some(timer) = kept.timer.as_pin_mut() {
-                // The timer holds the waker of the task that last polled it:
-                // a poll with a no-op waker lets that task's memory go while
-                // the connection idles. Unconstrained: this is not that
-                // task's work.
-                let mut cx = Context::from_waker(Waker::noop());
-                let _ = std::pin::pin!(tokio::task::coop::unconstrained(timer)).poll(&mut cx);
+            let head_buf = kept.as_mut().project().head_buf;
+            if head_buf.capacity() > KEEP_BUFFER {
+                *head_buf = BytesMut::new();
             }
         }
         let released = {
