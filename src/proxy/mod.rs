@@ -331,7 +331,8 @@ async fn forward(
         .circuit_breaker
         .as_ref()
         .map(|b| b.failure_on);
-    let mut rng = fastrand::Rng::new();
+    // Seeded only if a retry needs a backoff.
+    let mut rng = None;
     let mut n: u32 = 0;
     loop {
         n += 1;
@@ -698,6 +699,7 @@ fn start_call<'e>(
         body,
         &prep.fwd,
         &ctx.state().hist.connect,
+        now,
         attempt_deadline,
     );
     Ok((call, attempt_deadline))
@@ -739,7 +741,7 @@ fn retry_plan(
     n: u32,
     answered: Option<&http::HeaderMap>,
     unsent: bool,
-    rng: &mut fastrand::Rng,
+    rng: &mut Option<fastrand::Rng>,
 ) -> Option<Duration> {
     let cause = d.retry?;
     let route = ctx.route;
@@ -756,7 +758,9 @@ fn retry_plan(
     }
     // The upstream's Retry-After, read only now that a retry is possible.
     let hint = answered.and_then(retry_after);
-    let delay = route.backoff.delay(n - 1, hint, rng);
+    let delay = route
+        .backoff
+        .delay(n - 1, hint, rng.get_or_insert_with(fastrand::Rng::new));
     if Instant::now() + delay >= ctx.deadline {
         return None;
     }

@@ -290,9 +290,10 @@ impl Upstream {
         EndpointLoad(ep.clone())
     }
 
-    /// Sends one attempt to `ep`: the request's path and query go to the
-    /// endpoint, whatever authority the client named. The call ends with
-    /// [`TimedOut`] at `deadline` if no response head came by then.
+    /// Sends one attempt to `ep`, started at `now`: the request's path and
+    /// query go to the endpoint, whatever authority the client named. The
+    /// call ends with [`TimedOut`] at `deadline` if no response head came
+    /// by then.
     ///
     /// Not an `async fn`: the request is turned into what the wire needs
     /// (an encoded head for HTTP/1.1) before the future is made, so the
@@ -300,6 +301,7 @@ impl Upstream {
     /// held per client connection); and an HTTP/1.1 request on a pooled
     /// connection is its exchange, polled in place, with no future of its
     /// own around it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn send<'a>(
         &'a self,
         ep: &'a EndpointLoad,
@@ -307,6 +309,7 @@ impl Upstream {
         body: UpstreamBody,
         fwd: &Forwarded,
         connect_stage: &'a Histogram,
+        now: Instant,
         deadline: Instant,
     ) -> Call<'a> {
         let state = match &self.client {
@@ -321,7 +324,7 @@ impl Upstream {
             None => {
                 let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
                 let pool = &ep.0.pool;
-                let mut pooled = pool.checkout();
+                let mut pooled = pool.checkout_at(now);
                 // A pooled connection encodes into its own head buffer.
                 let head = match &mut pooled {
                     Some(conn) => {

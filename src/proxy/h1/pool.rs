@@ -119,6 +119,9 @@ pub(crate) struct Pool<T = UpstreamIo> {
 struct IdleConn<T> {
     conn: Conn<T>,
     since: Instant,
+    /// `since + idle_timeout`, kept so a checkout compares instants rather
+    /// than computing a duration (none if it overflows: never expires).
+    expires: Option<Instant>,
 }
 
 /// What a connection's head buffer makes room for at least.
@@ -145,16 +148,22 @@ impl<T: Io> Pool<T> {
         }
     }
 
-    /// The most recently used live connection, if any.
+    /// The most recently used live connection, if any, now.
+    #[cfg(test)]
     pub(crate) fn checkout(&self) -> Option<Conn<T>> {
+        self.checkout_at(Instant::now())
+    }
+
+    /// The most recently used live connection, if any, at `now` (the
+    /// caller has just read the clock).
+    pub(crate) fn checkout_at(&self, now: Instant) -> Option<Conn<T>> {
         loop {
             let candidate = {
                 let mut idle = self.idle.lock();
-                let now = Instant::now();
                 // Oldest first: drop what has idled too long.
                 while idle
                     .front()
-                    .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
+                    .is_some_and(|c| c.expires.is_some_and(|e| now >= e))
                 {
                     idle.pop_front();
                 }
@@ -224,9 +233,11 @@ impl<T: Io> Pool<T> {
             if idle.len() >= self.max_idle {
                 idle.pop_front();
             }
+            let since = Instant::now();
             idle.push_back(IdleConn {
                 conn,
-                since: Instant::now(),
+                since,
+                expires: since.checked_add(self.idle_timeout),
             });
             // Checkout is newest first, so connections deep in the pool are
             // rarely used: only the newest few keep their buffers.
