@@ -394,24 +394,27 @@ async fn forward(
         if let Some(stage) = d.timeout {
             ctx.state().count_timeout(stage);
         }
-        let (reply, unsent) = match result {
-            Ok(Ok(resp)) => (Ok(resp), false),
+        // The response stays where the call left it until it is answered
+        // with: it is moved once, into the client's response.
+        let (answered, unsent) = match &result {
+            Ok(Ok(resp)) => (Some(resp.headers()), false),
             Ok(Err(e)) => {
-                tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(&e), attempt = n, "attempt failed");
-                (Err(local(d)), e.unsent())
+                tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(e), attempt = n, "attempt failed");
+                (None, e.unsent())
             }
-            Err(upstream::TimedOut) => (Err(local(d)), false),
+            Err(upstream::TimedOut) => (None, false),
         };
-        let answered = reply.as_ref().ok().map(Response::headers);
         match retry_plan(ctx, &prep, &d, n, answered, unsent, &mut rng) {
             Some(delay) => {
-                drop(reply);
+                drop(result);
                 if !delay.is_zero() {
                     Box::pin(tokio::time::sleep(delay)).await;
                 }
             }
             None => {
-                let resp = reply?;
+                let Ok(Ok(resp)) = result else {
+                    return Err(local(d));
+                };
                 return Ok(respond(ctx, resp, admitted, ep, &mut prep, ledger));
             }
         }
