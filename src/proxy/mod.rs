@@ -314,7 +314,7 @@ async fn forward(
     ledger: &mut Ledger,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let admitted = admit(ctx, req.headers(), scan.content_length).await?;
-    let (mut prep, unread) = prepare(ctx, req, scan)?;
+    let (mut prep, unread) = prepare(ctx, req, scan);
     if let Some(body) = unread {
         // Boxed: a rare path whose future would otherwise enlarge every request's.
         match Box::pin(read_body(body, ctx.deadline)).await {
@@ -540,7 +540,7 @@ fn prepare(
     ctx: &Ctx<'_>,
     mut req: Request<Incoming>,
     mut scan: headers::Scan,
-) -> Result<(Prepared, Option<RequestBody>), ProxyError> {
+) -> (Prepared, Option<RequestBody>) {
     let cfg = &ctx.route.config;
     let upgrade = req.version() <= Version::HTTP_11 && scan.upgrade;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -615,7 +615,7 @@ fn prepare(
         client_wait,
         last_endpoint: None,
     };
-    Ok((prep, unread))
+    (prep, unread)
 }
 
 /// A client body failure found before any attempt: through the same table.
