@@ -189,6 +189,138 @@ async fn digest_reply(req: Request<Incoming>, status: u16) -> Response<Body> {
 // Timeouts
 // ---------------------------------------------------------------------------
 
+/// A pooled connection keeps its per-try timer from one attempt to the
+/// next: an attempt with a shorter deadline than the one before it on the
+/// same connection still times out at its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_fires_on_a_connection_a_longer_deadline_used_before() {
+    within(60, "test", async {
+        let fake = FakeUpstream::with_handler(|req, _ctx| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Ok(reply::status_body(200, "fast"))
+        })
+        .await;
+        let routes = format!(
+            "{}{}",
+            route(
+                "slow",
+                "/slow",
+                "app",
+                "    timeouts: {request: 20s, per_try: 300ms}\n"
+            ),
+            route(
+                "fast",
+                "/",
+                "app",
+                "    timeouts: {request: 20s, per_try: 15s}\n"
+            ),
+        );
+        let h = ProxyHarness::start(&yaml_with(
+            "",
+            &upstream_yaml("app", fake.addr(), ""),
+            &routes,
+        ))
+        .await;
+        // The first on a new connection, the second on it pooled, each with
+        // a later deadline than the one before.
+        for _ in 0..2 {
+            let s = get(&h, "/fast").await;
+            assert_eq!(s.status, StatusCode::OK, "{s:?}");
+        }
+        assert_eq!(fake.connections(), 1, "the connection was pooled");
+        let s = get(&h, "/slow").await;
+        assert_eq!(s.status, StatusCode::GATEWAY_TIMEOUT, "{s:?}");
+        assert_eq!(s.reason.as_deref(), Some("upstream_timeout"), "{s:?}");
+        assert!(
+            s.elapsed >= Duration::from_millis(300),
+            "before per_try: {:?}",
+            s.elapsed
+        );
+        assert!(
+            s.elapsed < Duration::from_secs(10),
+            "at the earlier attempt's deadline, not the later one: {:?}",
+            s.elapsed
+        );
+        assert_eq!(fake.connections(), 1, "the slow attempt reused it");
+        assert_eq!(
+            metric(
+                &h,
+                "spillway_timeouts_total",
+                &[("route", "slow"), ("stage", "per_try")]
+            )
+            .await,
+            1.0
+        );
+        // The connection the attempt timed out on is closed; the next
+        // attempt gets a new one and its own deadline.
+        let s = get(&h, "/fast").await;
+        assert_eq!(s.status, StatusCode::OK, "{s:?}");
+    })
+    .await
+}
+
+/// The other way round: an attempt with a later deadline than the one
+/// before it on the same connection is not cut off at the earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_attempts_deadline_does_not_time_out_the_next_on_its_connection() {
+    within(60, "test", async {
+        let fake = FakeUpstream::with_handler(|req, _ctx| async move {
+            if req.uri().path() == "/unhurried" {
+                // Past the first route's per_try, well within the second's.
+                tokio::time::sleep(Duration::from_millis(900)).await;
+            }
+            Ok(reply::status_body(200, "answered"))
+        })
+        .await;
+        let routes = format!(
+            "{}{}",
+            route(
+                "brisk",
+                "/brisk",
+                "app",
+                "    timeouts: {request: 20s, per_try: 300ms}\n"
+            ),
+            route(
+                "patient",
+                "/",
+                "app",
+                "    timeouts: {request: 20s, per_try: 15s}\n"
+            ),
+        );
+        let h = ProxyHarness::start(&yaml_with(
+            "",
+            &upstream_yaml("app", fake.addr(), ""),
+            &routes,
+        ))
+        .await;
+        // The first on a new connection, the second on it pooled.
+        for _ in 0..2 {
+            let s = get(&h, "/brisk").await;
+            assert_eq!(s.status, StatusCode::OK, "{s:?}");
+        }
+        let s = get(&h, "/unhurried").await;
+        assert_eq!(s.status, StatusCode::OK, "{s:?}");
+        assert_eq!(&s.body[..], b"answered");
+        assert!(s.elapsed >= Duration::from_millis(900), "{:?}", s.elapsed);
+        assert_eq!(fake.connections(), 1, "both on one pooled connection");
+        for route in ["brisk", "patient"] {
+            assert_eq!(
+                metric(
+                    &h,
+                    "spillway_timeouts_total",
+                    &[("route", route), ("stage", "per_try")]
+                )
+                .await,
+                0.0,
+                "{route}"
+            );
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_try_timeout_then_a_successful_retry() {
     within(60, "test", async {

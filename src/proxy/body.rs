@@ -93,11 +93,12 @@ impl Body for RespBody {
 // === ProxyBody ===
 
 /// Something that must live exactly as long as the response body: permits and
-/// end-of-request bookkeeping. `finish` is told whether the body completed.
+/// end-of-request bookkeeping. `finish` is told whether the body completed,
+/// and when (the body's poll has often just read the clock).
 /// Held by value inside the (already boxed) response state, so a request
 /// costs no allocation of its own for it.
 pub(crate) trait BodyGuard: Send + 'static {
-    fn finish(self, outcome: BodyOutcome);
+    fn finish(self, outcome: BodyOutcome, now: Instant);
 }
 
 /// The guard the proxy hands its response bodies.
@@ -146,8 +147,13 @@ struct UpstreamResponse {
 
 impl UpstreamResponse {
     fn finish(&mut self, outcome: BodyOutcome) {
+        self.finish_at(outcome, None);
+    }
+
+    /// [`UpstreamResponse::finish`] at `now`, when the caller has read the clock.
+    fn finish_at(&mut self, outcome: BodyOutcome, now: Option<Instant>) {
         if let Some(g) = self.guard.take() {
-            g.finish(outcome);
+            g.finish(outcome, now.unwrap_or_else(Instant::now));
         }
     }
 }
@@ -215,17 +221,20 @@ impl Body for ProxyBody {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             Kind::Upstream(u) => match Pin::new(&mut u.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(_))) if u.guard.is_some() && Instant::now() >= u.deadline => {
-                    u.finish(BodyOutcome::RequestTimeout);
-                    Poll::Ready(Some(Err(Box::new(BodyError::RequestTimeout))))
-                }
                 Poll::Ready(Some(Ok(frame))) => {
+                    // Read once: for the deadline, and as the end of the
+                    // request if this frame is the last.
+                    let now = u.guard.is_some().then(Instant::now);
+                    if now.is_some_and(|now| now >= u.deadline) {
+                        u.finish_at(BodyOutcome::RequestTimeout, now);
+                        return Poll::Ready(Some(Err(Box::new(BodyError::RequestTimeout))));
+                    }
                     u.timer.progress();
                     if let Some(d) = frame.data_ref() {
                         u.delivered += d.len() as u64;
                     }
                     if u.inner.is_end_stream() {
-                        u.finish(BodyOutcome::Complete);
+                        u.finish_at(BodyOutcome::Complete, now);
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }

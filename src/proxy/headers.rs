@@ -124,6 +124,9 @@ pub(crate) struct Scan {
     pub upgrade: bool,
     pub has_request_id: bool,
     pub has_forwarded_for: bool,
+    /// An `x-forwarded-for`, `-proto` or `-host` header is there: one the
+    /// forwarding headers replace.
+    pub has_forwarding: bool,
     /// A hop-by-hop header is there: stripping may remove any header (those
     /// a `Connection` names), so what it leaves must be looked up again.
     pub hop_by_hop: bool,
@@ -148,7 +151,11 @@ impl Scan {
                     s.content_length = content_length_value(value);
                 }
                 "x-request-id" => s.has_request_id = true,
-                "x-forwarded-for" => s.has_forwarded_for = true,
+                "x-forwarded-for" => {
+                    s.has_forwarded_for = true;
+                    s.has_forwarding = true;
+                }
+                "x-forwarded-proto" | "x-forwarded-host" => s.has_forwarding = true,
                 "grpc-timeout" if !s.has_grpc_timeout => {
                     s.has_grpc_timeout = true;
                     s.grpc_timeout = crate::proxy::timeout::parse_grpc_timeout_value(value);
@@ -191,6 +198,9 @@ pub struct Forwarded {
     xff: Option<HeaderValue>,
     https: bool,
     host: Option<HeaderValue>,
+    /// The request carries a header these replace ([`Forwarded::replaces`]
+    /// can be true): most do not, and the encoder then skips the check.
+    replaces_some: bool,
 }
 
 /// Computes the forwarding headers for a request with headers `h`.
@@ -202,10 +212,14 @@ pub fn forwarded(
     https: bool,
     original_host: Option<HeaderValue>,
 ) -> Forwarded {
-    let present = (
-        h.contains_key(&X_REQUEST_ID),
-        h.contains_key(&X_FORWARDED_FOR),
-    );
+    let has_forwarded_for = h.contains_key(&X_FORWARDED_FOR);
+    let present = Present {
+        request_id: h.contains_key(&X_REQUEST_ID),
+        forwarded_for: has_forwarded_for,
+        forwarding: has_forwarded_for
+            || h.contains_key(&X_FORWARDED_PROTO)
+            || h.contains_key(&X_FORWARDED_HOST),
+    };
     forwarded_known(h, present, client_ip, https, original_host)
 }
 
@@ -221,23 +235,35 @@ pub(crate) fn forwarded_scanned(
     if scan.hop_by_hop {
         forwarded(h, client_ip, https, original_host)
     } else {
-        let present = (scan.has_request_id, scan.has_forwarded_for);
+        let present = Present {
+            request_id: scan.has_request_id,
+            forwarded_for: scan.has_forwarded_for,
+            forwarding: scan.has_forwarding,
+        };
         forwarded_known(h, present, client_ip, https, original_host)
     }
 }
 
-/// [`forwarded`] when whether `h` has `x-request-id` and `x-forwarded-for`
-/// is known already (`present`, in that order).
+/// Which of the headers [`forwarded`] looks for a request carries.
+#[derive(Clone, Copy)]
+pub(crate) struct Present {
+    pub request_id: bool,
+    pub forwarded_for: bool,
+    /// `x-forwarded-for`, `-proto` or `-host`.
+    pub forwarding: bool,
+}
+
+/// [`forwarded`] when which of its headers `h` has is known already.
 pub(crate) fn forwarded_known(
     h: &HeaderMap,
-    (has_request_id, has_forwarded_for): (bool, bool),
+    present: Present,
     client_ip: &HeaderValue,
     https: bool,
     original_host: Option<HeaderValue>,
 ) -> Forwarded {
-    let request_id = (!has_request_id).then(new_request_id);
+    let request_id = (!present.request_id).then(new_request_id);
     // Append to any existing chain (several headers fold into one, in order).
-    let xff = if has_forwarded_for {
+    let xff = if present.forwarded_for {
         let mut chain = Vec::with_capacity(64);
         for v in h.get_all(&X_FORWARDED_FOR) {
             chain.extend_from_slice(v.as_bytes());
@@ -253,10 +279,16 @@ pub(crate) fn forwarded_known(
         xff,
         https,
         host: original_host,
+        replaces_some: present.forwarding,
     }
 }
 
 impl Forwarded {
+    /// Can [`Forwarded::replaces`] be true for any of the request's headers?
+    pub(crate) fn replaces_some(&self) -> bool {
+        self.replaces_some
+    }
+
     /// Does one of these headers replace the request's own `name`?
     pub(crate) fn replaces(&self, name: &HeaderName) -> bool {
         (name == X_FORWARDED_FOR && self.xff.is_some())
@@ -572,6 +604,30 @@ mod tests {
                 "{connection:?}"
             );
             assert_eq!(a.xff, b.xff, "{connection:?}");
+        }
+    }
+
+    #[test]
+    fn only_requests_with_a_forwarding_header_can_have_one_replaced() {
+        let ip = ip_header_value("127.0.0.1".parse().unwrap());
+        for name in [
+            None,
+            Some("x-forwarded-for"),
+            Some("x-forwarded-proto"),
+            Some("x-forwarded-host"),
+            Some("x-forwarded-port"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("host", HeaderValue::from_static("svc"));
+            if let Some(n) = name {
+                h.insert(n, HeaderValue::from_static("x"));
+            }
+            let host = Some(HeaderValue::from_static("svc"));
+            let scanned = forwarded_scanned(&h, &Scan::of(&h), &ip, false, host.clone());
+            let looked_up = forwarded(&h, &ip, false, host);
+            let any = h.keys().any(|n| looked_up.replaces(n));
+            assert_eq!(looked_up.replaces_some(), any, "{name:?}");
+            assert_eq!(scanned.replaces_some(), any, "{name:?}");
         }
     }
 

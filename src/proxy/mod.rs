@@ -267,7 +267,7 @@ impl Ledger {
     }
 
     fn record(&self, status: u16, reason: Reason) {
-        record(&self.state, self.arrival, status, reason);
+        record(&self.state, self.arrival, status, reason, Instant::now());
     }
 }
 
@@ -282,13 +282,13 @@ impl Drop for Ledger {
     }
 }
 
-/// Counts one answered request and its duration.
-fn record(state: &RouteState, arrival: Instant, status: u16, reason: Reason) {
+/// Counts one answered request and its duration, which ended at `now`.
+fn record(state: &RouteState, arrival: Instant, status: u16, reason: Reason, now: Instant) {
     state.count_request(status, reason);
     if reason.is_rejection() {
         state.count_rejection(reason);
     }
-    let el = arrival.elapsed().as_secs_f64();
+    let el = now.saturating_duration_since(arrival).as_secs_f64();
     state.hist.duration.observe(el);
     state.hist.total.observe(el);
 }
@@ -314,7 +314,7 @@ async fn forward(
     ledger: &mut Ledger,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let admitted = admit(ctx, req.headers(), scan.content_length).await?;
-    let (mut prep, unread) = prepare(ctx, req, scan)?;
+    let (mut prep, unread) = prepare(ctx, req, scan);
     if let Some(body) = unread {
         // Boxed: a rare path whose future would otherwise enlarge every request's.
         match Box::pin(read_body(body, ctx.deadline)).await {
@@ -331,7 +331,8 @@ async fn forward(
         .circuit_breaker
         .as_ref()
         .map(|b| b.failure_on);
-    let mut rng = fastrand::Rng::new();
+    // Seeded only if a retry needs a backoff.
+    let mut rng = None;
     let mut n: u32 = 0;
     loop {
         n += 1;
@@ -353,15 +354,22 @@ async fn forward(
             ep: &ep,
             armed: true,
         };
+        // A route with a fixed cap has no adaptive limiter: its config says
+        // so, without a load of the shared one per attempt.
+        let adaptive = ctx.route.config.concurrency.adaptive.is_some();
         // The load this attempt meets, for the adaptive limit (one atomic load).
-        let in_flight = ctx.state().admission.in_flight();
+        let in_flight = if adaptive {
+            ctx.state().admission.in_flight()
+        } else {
+            0
+        };
         let result = call.await;
         watch.disarm();
         // A timeout while the body waited for the client says nothing about the
         // upstream's latency: no sample.
         let client_stalled =
             result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
-        if !client_stalled {
+        if adaptive && !client_stalled {
             adaptive::observe(ctx.state(), now, in_flight, &result);
         }
         ctx.state()
@@ -386,24 +394,27 @@ async fn forward(
         if let Some(stage) = d.timeout {
             ctx.state().count_timeout(stage);
         }
-        let (reply, unsent) = match result {
-            Ok(Ok(resp)) => (Ok(resp), false),
+        // The response stays where the call left it until it is answered
+        // with: it is moved once, into the client's response.
+        let (answered, unsent) = match &result {
+            Ok(Ok(resp)) => (Some(resp.headers()), false),
             Ok(Err(e)) => {
-                tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(&e), attempt = n, "attempt failed");
-                (Err(local(d)), e.unsent())
+                tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(e), attempt = n, "attempt failed");
+                (None, e.unsent())
             }
-            Err(upstream::TimedOut) => (Err(local(d)), false),
+            Err(upstream::TimedOut) => (None, false),
         };
-        let answered = reply.as_ref().ok().map(Response::headers);
         match retry_plan(ctx, &prep, &d, n, answered, unsent, &mut rng) {
             Some(delay) => {
-                drop(reply);
+                drop(result);
                 if !delay.is_zero() {
                     Box::pin(tokio::time::sleep(delay)).await;
                 }
             }
             None => {
-                let resp = reply?;
+                let Ok(Ok(resp)) = result else {
+                    return Err(local(d));
+                };
                 return Ok(respond(ctx, resp, admitted, ep, &mut prep, ledger));
             }
         }
@@ -529,7 +540,7 @@ fn prepare(
     ctx: &Ctx<'_>,
     mut req: Request<Incoming>,
     mut scan: headers::Scan,
-) -> Result<(Prepared, Option<RequestBody>), ProxyError> {
+) -> (Prepared, Option<RequestBody>) {
     let cfg = &ctx.route.config;
     let upgrade = req.version() <= Version::HTTP_11 && scan.upgrade;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -604,7 +615,7 @@ fn prepare(
         client_wait,
         last_endpoint: None,
     };
-    Ok((prep, unread))
+    (prep, unread)
 }
 
 /// A client body failure found before any attempt: through the same table.
@@ -691,6 +702,7 @@ fn start_call<'e>(
         body,
         &prep.fwd,
         &ctx.state().hist.connect,
+        now,
         attempt_deadline,
     );
     Ok((call, attempt_deadline))
@@ -732,7 +744,7 @@ fn retry_plan(
     n: u32,
     answered: Option<&http::HeaderMap>,
     unsent: bool,
-    rng: &mut fastrand::Rng,
+    rng: &mut Option<fastrand::Rng>,
 ) -> Option<Duration> {
     let cause = d.retry?;
     let route = ctx.route;
@@ -749,7 +761,9 @@ fn retry_plan(
     }
     // The upstream's Retry-After, read only now that a retry is possible.
     let hint = answered.and_then(retry_after);
-    let delay = route.backoff.delay(n - 1, hint, rng);
+    let delay = route
+        .backoff
+        .delay(n - 1, hint, rng.get_or_insert_with(fastrand::Rng::new));
     if Instant::now() + delay >= ctx.deadline {
         return None;
     }
@@ -818,7 +832,7 @@ fn respond(
                         tracing::debug!("tunnel closed at the end of the drain");
                     }
                 }
-                guard.finish(BodyOutcome::Complete);
+                guard.finish(BodyOutcome::Complete, Instant::now());
             });
             return Response::from_parts(parts, ProxyBody::empty());
         }
@@ -855,7 +869,7 @@ pub(crate) struct RequestGuard {
 }
 
 impl BodyGuard for RequestGuard {
-    fn finish(self, outcome: BodyOutcome) {
+    fn finish(self, outcome: BodyOutcome, now: Instant) {
         let (status, reason) = match outcome {
             BodyOutcome::Complete | BodyOutcome::Error => (self.status, Reason::Upstream),
             BodyOutcome::IdleTimeout => {
@@ -880,7 +894,7 @@ impl BodyGuard for RequestGuard {
                 (ProxyError::new(reason).parts().0.as_u16(), reason)
             }
         };
-        record(&self.state, self.arrival, status, reason);
+        record(&self.state, self.arrival, status, reason, now);
     }
 }
 

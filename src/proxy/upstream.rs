@@ -71,18 +71,17 @@ pub(crate) struct Endpoint {
     outcomes: LabelCounters<AttemptOutcome>,
 }
 
-pin_project_lite::pin_project! {
-    /// One attempt in flight ([`Upstream::send`]), bounded by its deadline.
-    pub(crate) struct Call<'a> {
-        upstream: &'a Upstream,
-        ep: &'a EndpointLoad,
-        connect_stage: &'a Histogram,
-        state: CallState<'a>,
-        deadline: Instant,
-        // Armed when the call first has to wait.
-        #[pin]
-        sleep: Option<Sleep>,
-    }
+/// One attempt in flight ([`Upstream::send`]), bounded by its deadline.
+pub(crate) struct Call<'a> {
+    upstream: &'a Upstream,
+    ep: &'a EndpointLoad,
+    connect_stage: &'a Histogram,
+    state: CallState<'a>,
+    deadline: Instant,
+    // Armed when the call first has to wait, unless the call is on a
+    // pooled connection, whose own timer is used. Boxed: only a new
+    // connection needs it.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 /// The attempt's deadline passed before the response head came.
@@ -291,9 +290,10 @@ impl Upstream {
         EndpointLoad(ep.clone())
     }
 
-    /// Sends one attempt to `ep`: the request's path and query go to the
-    /// endpoint, whatever authority the client named. The call ends with
-    /// [`TimedOut`] at `deadline` if no response head came by then.
+    /// Sends one attempt to `ep`, started at `now`: the request's path and
+    /// query go to the endpoint, whatever authority the client named. The
+    /// call ends with [`TimedOut`] at `deadline` if no response head came
+    /// by then.
     ///
     /// Not an `async fn`: the request is turned into what the wire needs
     /// (an encoded head for HTTP/1.1) before the future is made, so the
@@ -301,6 +301,7 @@ impl Upstream {
     /// held per client connection); and an HTTP/1.1 request on a pooled
     /// connection is its exchange, polled in place, with no future of its
     /// own around it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn send<'a>(
         &'a self,
         ep: &'a EndpointLoad,
@@ -308,6 +309,7 @@ impl Upstream {
         body: UpstreamBody,
         fwd: &Forwarded,
         connect_stage: &'a Histogram,
+        now: Instant,
         deadline: Instant,
     ) -> Call<'a> {
         let state = match &self.client {
@@ -321,8 +323,18 @@ impl Upstream {
             }
             None => {
                 let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-                let head = h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
-                    .freeze();
+                let pool = &ep.0.pool;
+                let mut pooled = pool.checkout_at(now);
+                // A pooled connection encodes into its own head buffer.
+                let head = match &mut pooled {
+                    Some(conn) => {
+                        conn.encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
+                    }
+                    None => {
+                        h1::encode_head(&parts.method, target, &parts.headers, Some(fwd), &body)
+                            .freeze()
+                    }
+                };
                 let method = parts.method;
                 // The request's headers and URI share the client connection's
                 // read buffer; dropping them here lets hyper reuse that buffer
@@ -330,8 +342,7 @@ impl Upstream {
                 // request is in flight.
                 drop(parts.headers);
                 drop(parts.uri);
-                let pool = &ep.0.pool;
-                match pool.checkout() {
+                match pooled {
                     Some(conn) => CallState::Pooled {
                         exchange: h1::exchange(
                             conn,
@@ -510,7 +521,7 @@ impl Future for Call<'_> {
     type Output = Result<Result<Response<RespBody>, AttemptError>, TimedOut>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.get_mut();
         let had_budget_before = tokio::task::coop::has_budget_remaining();
         if let Poll::Ready(r) = this
             .state
@@ -518,21 +529,34 @@ impl Future for Call<'_> {
         {
             return Poll::Ready(Ok(r));
         }
-        if this.sleep.is_none() {
-            this.sleep
-                .set(Some(tokio::time::sleep_until(*this.deadline)));
-        }
-        let Some(sleep) = this.sleep.as_pin_mut() else {
-            return Poll::Pending;
+        let deadline = this.deadline;
+        let pooled_timer = match &mut this.state {
+            CallState::Pooled { exchange, .. } => exchange.deadline_timer(deadline),
+            _ => None,
+        };
+        let mut sleep = match pooled_timer {
+            Some(t) => t,
+            None => this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+                .as_mut(),
         };
         // As tokio's `Timeout` does: when the call used up the task's budget,
         // the deadline is still looked at.
-        let fired = if had_budget_before && !tokio::task::coop::has_budget_remaining() {
-            std::pin::pin!(tokio::task::coop::unconstrained(sleep)).poll(cx)
-        } else {
-            sleep.poll(cx)
-        };
-        fired.map(|()| Err(TimedOut))
+        let exhausted = had_budget_before && !tokio::task::coop::has_budget_remaining();
+        loop {
+            let fired = if exhausted {
+                std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut())).poll(cx)
+            } else {
+                sleep.as_mut().poll(cx)
+            };
+            match fired {
+                // A pooled connection's timer was due at an earlier
+                // deadline: now it waits for this one.
+                Poll::Ready(()) if sleep.deadline() < deadline => sleep.as_mut().reset(deadline),
+                fired => return fired.map(|()| Err(TimedOut)),
+            }
+        }
     }
 }
 

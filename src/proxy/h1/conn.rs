@@ -9,10 +9,11 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use super::decode::{decode_step, parse_head, Decode, Head, Step};
 use super::encode::{framing, push_hex, Framing};
-use super::pool::{Conn, Pool};
+use super::pool::{Conn, Kept, Pool};
 use super::Io;
 use super::{Error, MAX_CHUNK_EXTENSIONS, MAX_HEAD, MAX_INFORMATIONAL, MAX_READ, READ_CHUNK};
 use crate::proxy::io::UpstreamIo;
@@ -137,10 +138,12 @@ impl Sender {
 }
 
 /// Bytes waiting for the socket, in order: at most a head and a body, or a
-/// chunk's size line, data and CRLF. Fixed size, so queueing never allocates.
+/// chunk's size line, data and CRLF. Fixed size, so queueing never
+/// allocates. The slots past `len` are empty, and empty slots cost nothing
+/// to drop (a `Bytes` drop is a call through its vtable, even for no bytes).
 #[derive(Default)]
 struct WriteQueue {
-    bufs: [Bytes; QUEUE],
+    bufs: [Option<Bytes>; QUEUE],
     len: usize,
 }
 
@@ -158,20 +161,20 @@ impl WriteQueue {
         if self.len == QUEUE {
             // Never happens (the queue is drained before a frame is taken), but
             // stay correct if it does: merge into the last slot.
-            let last = std::mem::take(&mut self.bufs[QUEUE - 1]);
+            let last = self.bufs[QUEUE - 1].take().unwrap_or_default();
             let mut merged = BytesMut::with_capacity(last.len() + b.len());
             merged.extend_from_slice(&last);
             merged.extend_from_slice(&b);
-            self.bufs[QUEUE - 1] = merged.freeze();
+            self.bufs[QUEUE - 1] = Some(merged.freeze());
             return;
         }
-        self.bufs[self.len] = b;
+        self.bufs[self.len] = Some(b);
         self.len += 1;
     }
 
     fn clear(&mut self) {
         for b in &mut self.bufs[..self.len] {
-            *b = Bytes::new();
+            *b = None;
         }
         self.len = 0;
     }
@@ -179,7 +182,7 @@ impl WriteQueue {
     /// Fills `out` with the queued bytes; returns how many slices are used.
     fn slices<'a>(&'a self, out: &mut [IoSlice<'a>; QUEUE]) -> usize {
         for (s, b) in out.iter_mut().zip(&self.bufs[..self.len]) {
-            *s = IoSlice::new(b);
+            *s = IoSlice::new(b.as_deref().unwrap_or_default());
         }
         self.len
     }
@@ -188,10 +191,13 @@ impl WriteQueue {
     fn advance(&mut self, mut n: usize) {
         let mut done = 0;
         while n > 0 && done < self.len {
-            let front = &mut self.bufs[done];
+            let Some(front) = &mut self.bufs[done] else {
+                done += 1;
+                continue;
+            };
             if n >= front.len() {
                 n -= front.len();
-                *front = Bytes::new();
+                self.bufs[done] = None;
                 done += 1;
             } else {
                 front.advance(n);
@@ -209,6 +215,7 @@ impl WriteQueue {
 struct Wire<T> {
     io: T,
     buf: BytesMut,
+    kept: Option<Pin<Box<Kept>>>,
     pool: Arc<Pool<T>>,
     /// How much to make room for when the buffer runs out.
     next_read: usize,
@@ -271,6 +278,7 @@ pub(crate) fn exchange<T: Io>(
             wire: Some(Wire {
                 io: conn.io,
                 buf: conn.buf,
+                kept: conn.kept,
                 pool,
                 next_read: READ_CHUNK,
             }),
@@ -297,6 +305,18 @@ pub(crate) struct ExchangeFuture<T = UpstreamIo> {
     reused: bool,
     is_head: bool,
     idempotent: bool,
+}
+
+impl<T> ExchangeFuture<T> {
+    /// The connection's timer, for the caller's per-try `deadline`, polled
+    /// while the response head is awaited: due at `deadline` or before it,
+    /// so when it fires before `deadline` the caller resets it to
+    /// `deadline`. `None` for a connection that has not been pooled, or
+    /// once the exchange has given its connection away.
+    pub(crate) fn deadline_timer(&mut self, deadline: Instant) -> Option<Pin<&mut Sleep>> {
+        let kept = self.ex.wire.as_mut()?.kept.as_mut()?;
+        kept.as_mut().timer(deadline)
+    }
 }
 
 impl<T: Io> std::future::Future for ExchangeFuture<T> {
@@ -495,6 +515,7 @@ impl<T: Io> H1Body<T> {
                 wire.pool.checkin(Conn {
                     io: wire.io,
                     buf: wire.buf,
+                    kept: wire.kept,
                 });
             }
         }

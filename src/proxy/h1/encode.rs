@@ -41,15 +41,37 @@ pub(crate) fn encode_head(
     fwd: Option<&Forwarded>,
     body: &UpstreamBody,
 ) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_head_into(&mut out, method, target, headers, fwd, body, true);
+    out
+}
+
+/// [`encode_head`] appended to `out`. With `exact`, `out` first makes room
+/// for the head's exact size (one pass over the headers to add it up);
+/// without, it grows as the head is written, for a buffer that has room for
+/// most heads already.
+pub(super) fn encode_head_into(
+    out: &mut BytesMut,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    fwd: Option<&Forwarded>,
+    body: &UpstreamBody,
+    exact: bool,
+) {
     let framing = framing(body);
-    let mut len = method.as_str().len() + target.len() + 64;
-    for (n, v) in headers {
-        len += n.as_str().len() + v.len() + 4;
+    if exact {
+        let mut len = method.as_str().len() + target.len() + 64;
+        for (n, v) in headers {
+            len += n.as_str().len() + v.len() + 4;
+        }
+        if let Some(f) = fwd {
+            len += f.encoded_len();
+        }
+        out.reserve(len);
     }
-    if let Some(f) = fwd {
-        len += f.encoded_len();
-    }
-    let mut out = BytesMut::with_capacity(len);
+    // Most requests carry none of the headers the forwarding ones replace.
+    let replacing = fwd.filter(|f| f.replaces_some());
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
@@ -57,7 +79,7 @@ pub(crate) fn encode_head(
     for (n, v) in headers {
         if n == TRANSFER_ENCODING
             || (n == CONTENT_LENGTH && framing != Framing::None)
-            || fwd.is_some_and(|f| f.replaces(n))
+            || replacing.is_some_and(|f| f.replaces(n))
         {
             continue;
         }
@@ -67,19 +89,18 @@ pub(crate) fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     if let Some(f) = fwd {
-        f.encode(&mut out);
+        f.encode(out);
     }
     match framing {
         Framing::None => {}
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            push_decimal(&mut out, n);
+            push_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 fn push_decimal(out: &mut BytesMut, mut n: u64) {

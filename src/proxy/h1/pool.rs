@@ -6,20 +6,58 @@ use std::sync::Weak;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::ReadBuf;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::Io;
 use super::READ_CHUNK;
 use crate::proxy::io::UpstreamIo;
 
 /// An upstream connection and its read buffer, which stays with it in the
-/// pool so a request on a pooled connection allocates no buffer.
+/// pool so a request on a pooled connection allocates no buffer; so does
+/// what its pooled exchanges reuse ([`Kept`]).
 pub(crate) struct Conn<T = UpstreamIo> {
     pub(super) io: T,
     pub(super) buf: BytesMut,
+    /// Made at the first pooled exchange. Boxed: the connection travels
+    /// inside the response body, which is moved on its way to the client.
+    pub(super) kept: Option<Pin<Box<Kept>>>,
+}
+
+pin_project_lite::pin_project! {
+    /// What a pooled connection's exchanges reuse.
+    #[derive(Default)]
+    pub(crate) struct Kept {
+        // Request heads are split off the front of it; once the previous
+        // head is dropped (its exchange has ended) its bytes are written over.
+        head_buf: BytesMut,
+        // The per-try deadline's timer (see `Kept::timer`), where a new
+        // timer per exchange would be registered in the timer wheel and
+        // deregistered each time.
+        #[pin]
+        timer: Option<Sleep>,
+    }
+}
+
+impl Kept {
+    /// The timer, due at `deadline` or before it (made if there was none).
+    /// One still waiting for an earlier deadline, an earlier exchange's, is
+    /// left where it is: resetting it costs more than the rare early wake,
+    /// after which the caller moves it to its own deadline. Deadlines
+    /// mostly grow from one exchange to the next, so the timer is reset
+    /// about once per deadline's length, not once per exchange.
+    pub(super) fn timer(self: Pin<&mut Self>, deadline: Instant) -> Option<Pin<&mut Sleep>> {
+        let mut timer = self.project().timer;
+        match timer.as_mut().as_pin_mut() {
+            Some(t) if t.deadline() == deadline => {}
+            Some(t) if t.deadline() < deadline && !t.is_elapsed() => {}
+            Some(t) => t.reset(deadline),
+            None => timer.set(Some(tokio::time::sleep_until(deadline))),
+        }
+        timer.as_pin_mut()
+    }
 }
 
 impl<T> Conn<T> {
@@ -28,7 +66,40 @@ impl<T> Conn<T> {
         Conn {
             io,
             buf: BytesMut::new(),
+            kept: None,
         }
+    }
+
+    /// Encodes a request head (see [`encode_head`](super::encode_head)) into
+    /// this connection's head buffer.
+    pub(crate) fn encode_head(
+        &mut self,
+        method: &http::Method,
+        target: &str,
+        headers: &http::HeaderMap,
+        fwd: Option<&crate::proxy::headers::Forwarded>,
+        body: &crate::proxy::request_body::UpstreamBody,
+    ) -> Bytes {
+        let kept = self.kept.get_or_insert_with(Default::default);
+        let out = kept.as_mut().project().head_buf;
+        // Room for most heads, so one slightly longer than the last does not
+        // grow the buffer, and the head's size need not be added up first; a
+        // buffer no other head shares is written over from its start rather
+        // than grown.
+        out.reserve(HEAD_BUF);
+        super::encode::encode_head_into(out, method, target, headers, fwd, body, false);
+        out.split().freeze()
+    }
+
+    /// Frees the read buffer and what the exchanges reuse: the next
+    /// exchange makes them again. Dropped by the caller, outside the lock.
+    fn release(&mut self) -> (BytesMut, Option<Pin<Box<Kept>>>) {
+        (std::mem::take(&mut self.buf), self.kept.take())
+    }
+
+    /// Holds anything [`Conn::release`] would free.
+    fn holds_memory(&self) -> bool {
+        self.buf.capacity() > 0 || self.kept.is_some()
     }
 }
 
@@ -48,7 +119,13 @@ pub(crate) struct Pool<T = UpstreamIo> {
 struct IdleConn<T> {
     conn: Conn<T>,
     since: Instant,
+    /// `since + idle_timeout`, kept so a checkout compares instants rather
+    /// than computing a duration (none if it overflows: never expires).
+    expires: Option<Instant>,
 }
+
+/// What a connection's head buffer makes room for at least.
+const HEAD_BUF: usize = 1024;
 
 /// How many of the most recently used idle connections keep their buffer.
 const BUFFERED_IDLE: usize = 16;
@@ -57,8 +134,8 @@ const BUFFERED_IDLE: usize = 16;
 /// stays at most this much per pooled connection).
 const KEEP_BUFFER: usize = READ_CHUNK;
 
-/// A connection idle this long gives up its read buffer at the reaper's
-/// next round (the next request on it allocates a new one).
+/// A connection idle this long gives up its buffers and timer at the
+/// reaper's next round (the next request on it makes them again).
 const RELEASE_BUFFER_AFTER: Duration = Duration::from_secs(1);
 
 impl<T: Io> Pool<T> {
@@ -71,16 +148,22 @@ impl<T: Io> Pool<T> {
         }
     }
 
-    /// The most recently used live connection, if any.
+    /// The most recently used live connection, if any, now.
+    #[cfg(test)]
     pub(crate) fn checkout(&self) -> Option<Conn<T>> {
+        self.checkout_at(Instant::now())
+    }
+
+    /// The most recently used live connection, if any, at `now` (the
+    /// caller has just read the clock).
+    pub(crate) fn checkout_at(&self, now: Instant) -> Option<Conn<T>> {
         loop {
             let candidate = {
                 let mut idle = self.idle.lock();
-                let now = Instant::now();
                 // Oldest first: drop what has idled too long.
                 while idle
                     .front()
-                    .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
+                    .is_some_and(|c| c.expires.is_some_and(|e| now >= e))
                 {
                     idle.pop_front();
                 }
@@ -94,13 +177,14 @@ impl<T: Io> Pool<T> {
     }
 
     /// Closes the idle connections that have expired or that the upstream
-    /// closed (or sent stray bytes on), and frees the read buffers of those
-    /// idle for [`RELEASE_BUFFER_AFTER`]: a quiet endpoint's pool then holds
-    /// sockets only. Connections and buffers are dropped outside the lock:
+    /// closed (or sent stray bytes on), and frees the buffers and timers of
+    /// those idle for [`RELEASE_BUFFER_AFTER`]: a quiet endpoint's pool then
+    /// holds sockets only. Connections and buffers are dropped outside the lock:
     /// closing a socket is a system call.
     pub(super) fn reap(&self) {
         let now = Instant::now();
-        let (dropped, released): (Vec<IdleConn<T>>, Vec<BytesMut>) = {
+        type Released = (BytesMut, Option<Pin<Box<Kept>>>);
+        let (dropped, released): (Vec<IdleConn<T>>, Vec<Released>) = {
             let mut idle = self.idle.lock();
             let mut dropped = Vec::new();
             let mut released = Vec::new();
@@ -110,8 +194,8 @@ impl<T: Io> Pool<T> {
                 if idled >= self.idle_timeout || !is_alive(&mut c.conn.io) {
                     dropped.push(c);
                 } else {
-                    if idled >= RELEASE_BUFFER_AFTER && c.conn.buf.capacity() > 0 {
-                        released.push(std::mem::take(&mut c.conn.buf));
+                    if idled >= RELEASE_BUFFER_AFTER && c.conn.holds_memory() {
+                        released.push(c.conn.release());
                     }
                     kept.push_back(c);
                 }
@@ -131,19 +215,38 @@ impl<T: Io> Pool<T> {
         if conn.buf.capacity() > KEEP_BUFFER {
             conn.buf = BytesMut::new();
         }
-        let mut idle = self.idle.lock();
-        if idle.len() >= self.max_idle {
-            idle.pop_front();
+        // The timer keeps the waker of the task that last polled it, and so
+        // that task's allocation, until the next exchange polls it or the
+        // reaper frees it (idle for RELEASE_BUFFER_AFTER, seen at its next
+        // round): one per pooled connection, for seconds at most; if it
+        // fires meanwhile, that task is polled once for nothing. Trading it
+        // for a no-op waker at every check-in cost ~150 instructions per
+        // request.
+        if let Some(kept) = &mut conn.kept {
+            let head_buf = kept.as_mut().project().head_buf;
+            if head_buf.capacity() > KEEP_BUFFER {
+                *head_buf = BytesMut::new();
+            }
         }
-        idle.push_back(IdleConn {
-            conn,
-            since: Instant::now(),
-        });
-        // Checkout is newest first, so connections deep in the pool are rarely
-        // used: only the newest few keep their read buffer.
-        if let Some(deep) = idle.len().checked_sub(BUFFERED_IDLE + 1) {
-            idle[deep].conn.buf = BytesMut::new();
-        }
+        let released = {
+            let mut idle = self.idle.lock();
+            if idle.len() >= self.max_idle {
+                idle.pop_front();
+            }
+            let since = Instant::now();
+            idle.push_back(IdleConn {
+                conn,
+                since,
+                expires: since.checked_add(self.idle_timeout),
+            });
+            // Checkout is newest first, so connections deep in the pool are
+            // rarely used: only the newest few keep their buffers.
+            idle.len()
+                .checked_sub(BUFFERED_IDLE + 1)
+                .map(|deep| idle[deep].conn.release())
+        };
+        // Outside the lock: dropping a timer takes the timer driver's.
+        drop(released);
     }
 
     /// Idle connections held now.
@@ -263,6 +366,7 @@ mod tests {
             pool.checkin(Conn {
                 io,
                 buf: BytesMut::with_capacity(1024),
+                kept: None,
             });
         }
         let _held = accept.await.unwrap();
