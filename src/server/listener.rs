@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -1088,24 +1088,63 @@ enum Watched {
     Park,
 }
 
-/// Resolves once the connection has had no request in progress for `idle`,
-/// or a pending request head is older than `head`, or (with `park`) it has
-/// had nothing in progress for that long. One timer per connection,
-/// re-armed at most every `head` (so a head that starts mid-sleep is caught
-/// at its deadline) or `park`, and never per request.
-async fn idle_watch(
+pin_project_lite::pin_project! {
+    /// Resolves once the connection has had no request in progress for
+    /// `idle`, or a pending request head is older than `head`, or (with
+    /// `park`) it has had nothing in progress for that long. One timer per
+    /// connection, re-armed at most every `head` (so a head that starts
+    /// mid-sleep is caught at its deadline) or `park`, and never per request.
+    ///
+    /// It is polled on every wake of its connection, nearly always for
+    /// nothing: once its timer is registered with the task's waker, it is
+    /// only polled again after the timer fired (or for another waker).
+    struct IdleWatch {
+        act: Arc<Activity>,
+        idle: Duration,
+        head: Duration,
+        park: Option<Duration>,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        // `sleep` is set to the next deadline (not before the first poll).
+        armed: bool,
+        // The waker `sleep` was last polled with, while it is registered.
+        registered: Option<Waker>,
+    }
+}
+
+fn idle_watch(
     act: Arc<Activity>,
     idle: Duration,
     head: Duration,
     park: Option<Duration>,
-) -> Watched {
-    loop {
+) -> IdleWatch {
+    // Any deadline: the first poll sets it.
+    let sleep = tokio::time::sleep_until(act.start);
+    IdleWatch {
+        act,
+        idle,
+        head,
+        park,
+        sleep,
+        armed: false,
+        registered: None,
+    }
+}
+
+impl IdleWatch {
+    /// What has fired, or when to look again.
+    fn due(
+        act: &Activity,
+        idle: Duration,
+        head: Duration,
+        park: Option<Duration>,
+    ) -> Result<Watched, Instant> {
         let now = Instant::now();
         let busy = act.active.load(Ordering::Relaxed) > 0;
         let last = Duration::from_millis(act.last_ms.load(Ordering::Relaxed));
         let idle_due = act.start + last + idle;
         if now >= idle_due && !busy {
-            return Watched::Idle;
+            return Ok(Watched::Idle);
         }
         let mut next = if now >= idle_due {
             now + idle
@@ -1117,7 +1156,7 @@ async fn idle_watch(
             if now < park_due {
                 next = next.min(park_due);
             } else if act.parkable() {
-                return Watched::Park;
+                return Ok(Watched::Park);
             } else {
                 // A response still streams, or a head is pending: look again later.
                 next = next.min(now + after);
@@ -1128,13 +1167,47 @@ async fn idle_watch(
             if since != NO_HEAD && !busy {
                 let head_due = act.start + Duration::from_millis(since) + head;
                 if now >= head_due {
-                    return Watched::SlowHead;
+                    return Ok(Watched::SlowHead);
                 }
                 next = next.min(head_due);
             }
             next = next.min(now + head);
         }
-        tokio::time::sleep_until(next).await;
+        Err(next)
+    }
+}
+
+impl Future for IdleWatch {
+    type Output = Watched;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Watched> {
+        let mut this = self.project();
+        loop {
+            if let Some(w) = this.registered.as_ref() {
+                if w.will_wake(cx.waker()) && !this.sleep.is_elapsed() {
+                    return Poll::Pending;
+                }
+            }
+            if *this.armed {
+                // With the task's budget used up, the sleep returns Pending
+                // without registering its timer's waker.
+                let budget = tokio::task::coop::has_budget_remaining();
+                if this.sleep.as_mut().poll(cx).is_pending() {
+                    *this.registered = budget.then(|| cx.waker().clone());
+                    return Poll::Pending;
+                }
+                *this.armed = false;
+                *this.registered = None;
+            }
+            match Self::due(this.act, *this.idle, *this.head, *this.park) {
+                Ok(fired) => return Poll::Ready(fired),
+                Err(next) => {
+                    this.sleep.as_mut().reset(next);
+                    *this.armed = true;
+                    *this.registered = None;
+                }
+            }
+        }
     }
 }
 
@@ -1259,6 +1332,39 @@ mod tests {
             tokio::time::sleep(PARK_AFTER / 4).await;
         }
         panic!("the connection was not parked");
+    }
+
+    /// The watch's first poll comes when the task's coop budget is used up:
+    /// its timer could not register then, and the watch still fires.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_watch_fires_after_a_first_poll_without_budget() {
+        // In a task of its own: only its wakers get it polled again.
+        let task = tokio::spawn(async {
+            let act = Arc::new(Activity::new());
+            let watch = idle_watch(act, Duration::from_secs(5), Duration::from_secs(10), None);
+            tokio::pin!(watch);
+            let first = std::future::poll_fn(|cx| {
+                while tokio::task::coop::has_budget_remaining() {
+                    let spend = std::pin::pin!(tokio::task::consume_budget());
+                    let _ = spend.poll(cx);
+                }
+                Poll::Ready(watch.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(first);
+            // The later deadline is looked at first: a watch that was
+            // never woken, only polled along, loses.
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep(Duration::from_secs(60)) => None,
+                w = watch => Some(w),
+            }
+        });
+        let fired = task.await.unwrap();
+        assert!(
+            matches!(fired, Some(Watched::Idle)),
+            "the idle timeout fired"
+        );
     }
 
     #[tokio::test(start_paused = true)]
