@@ -344,8 +344,9 @@ struct Activity {
     active: AtomicUsize,
     last_ms: AtomicU64,
     /// Since `start`, when the first byte of a request head arrived while no
-    /// request was in progress ([`NO_HEAD`]: none pending). Cleared when the
-    /// head is complete (the request reaches the service).
+    /// request was in progress ([`NO_HEAD`]: none pending; [`HEAD_UNSTAMPED`]:
+    /// one arrived, its time not read yet). Cleared when the head is
+    /// complete (the request reaches the service).
     head_since_ms: AtomicU64,
     /// HTTP/2: no request-head clock (streams, pings and settings frames
     /// arrive on an idle connection).
@@ -365,6 +366,9 @@ struct Activity {
 }
 
 const NO_HEAD: u64 = u64::MAX;
+/// A head's first bytes arrived in the current poll of the connection; see
+/// [`Activity::stamp_head`].
+const HEAD_UNSTAMPED: u64 = u64::MAX - 1;
 
 impl Activity {
     fn new() -> Self {
@@ -401,6 +405,17 @@ impl Activity {
         if self.active.load(Ordering::Relaxed) == 0
             && self.head_since_ms.load(Ordering::Relaxed) == NO_HEAD
         {
+            self.head_since_ms.store(HEAD_UNSTAMPED, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the clock for a head whose first bytes arrived in this poll of
+    /// the connection, once hyper waits (or the watcher looks): nearly every
+    /// head arrives whole in the read that starts it and reaches the
+    /// service, which clears it, in the same poll, so the clock is not read
+    /// for it at all.
+    fn stamp_head(&self) {
+        if self.head_since_ms.load(Ordering::Relaxed) == HEAD_UNSTAMPED {
             let since = self.start.elapsed().as_millis() as u64;
             self.head_since_ms.store(since, Ordering::Relaxed);
         }
@@ -1044,6 +1059,7 @@ impl Watch {
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Some(res));
             }
+            act.stamp_head();
             if !closing {
                 match idle.as_mut().poll(cx) {
                     Poll::Pending => {}
@@ -1151,6 +1167,7 @@ impl IdleWatch {
         head: Duration,
         park: Option<Duration>,
     ) -> Result<Watched, Instant> {
+        act.stamp_head();
         let now = Instant::now();
         let busy = act.active.load(Ordering::Relaxed) > 0;
         let last = Duration::from_millis(act.last_ms.load(Ordering::Relaxed));
@@ -1344,6 +1361,23 @@ mod tests {
             tokio::time::sleep(PARK_AFTER / 4).await;
         }
         panic!("the connection was not parked");
+    }
+
+    /// A head that stops half-way gets its 408 `head` after its first
+    /// bytes, though its start is stamped only once hyper waits for the rest.
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_head_gets_its_408_at_the_header_timeout() {
+        let mut s = serve_one(Duration::from_secs(60), no_slow).await;
+        // After the connection's first poll: its watch has armed its timer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.client.write_all(b"GET /a HT").await.unwrap();
+        let head = tokio::select! {
+            biased;
+            _ = tokio::time::sleep(Duration::from_millis(10_500)) => None,
+            r = read_response(&mut s.client) => Some(r.0),
+        };
+        let head = head.expect("answered by the header timeout");
+        assert!(head.starts_with("http/1.1 408"), "{head}");
     }
 
     /// The watch's first poll comes when the task's coop budget is used up:
