@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -344,8 +344,9 @@ struct Activity {
     active: AtomicUsize,
     last_ms: AtomicU64,
     /// Since `start`, when the first byte of a request head arrived while no
-    /// request was in progress ([`NO_HEAD`]: none pending). Cleared when the
-    /// head is complete (the request reaches the service).
+    /// request was in progress ([`NO_HEAD`]: none pending; [`HEAD_UNSTAMPED`]:
+    /// one arrived, its time not read yet). Cleared when the head is
+    /// complete (the request reaches the service).
     head_since_ms: AtomicU64,
     /// HTTP/2: no request-head clock (streams, pings and settings frames
     /// arrive on an idle connection).
@@ -365,6 +366,9 @@ struct Activity {
 }
 
 const NO_HEAD: u64 = u64::MAX;
+/// A head's first bytes arrived in the current poll of the connection; see
+/// [`Activity::stamp_head`].
+const HEAD_UNSTAMPED: u64 = u64::MAX - 1;
 
 impl Activity {
     fn new() -> Self {
@@ -401,6 +405,17 @@ impl Activity {
         if self.active.load(Ordering::Relaxed) == 0
             && self.head_since_ms.load(Ordering::Relaxed) == NO_HEAD
         {
+            self.head_since_ms.store(HEAD_UNSTAMPED, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the clock for a head whose first bytes arrived in this poll of
+    /// the connection, once hyper waits (or the watcher looks): nearly every
+    /// head arrives whole in the read that starts it and reaches the
+    /// service, which clears it, in the same poll, so the clock is not read
+    /// for it at all.
+    fn stamp_head(&self) {
+        if self.head_since_ms.load(Ordering::Relaxed) == HEAD_UNSTAMPED {
             let since = self.start.elapsed().as_millis() as u64;
             self.head_since_ms.store(since, Ordering::Relaxed);
         }
@@ -808,12 +823,24 @@ fn service(
         // allocation per request measured ~1% CPU.
         // One async block, not a wrapper future: moving a future copies all
         // of it, and this one is ~3.5 KiB.
-        Box::pin(async move {
+        box_in_place(move || async move {
             request_started(&act);
             let resp = proxy::handle(req, &info, &shared).await;
             Ok::<_, Infallible>(response_ready(act, resp))
         })
     })
+}
+
+/// Boxes the future `make` returns, written straight into its allocation:
+/// `Box::pin(fut)` builds the future on the stack and then copies all of it
+/// into the box (~3.5 KiB here, however little of it the first state uses).
+/// The safe equivalent, `Box::pin(None)` then `set(Some(..))`, copies too.
+fn box_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let mut slot = Box::<F>::new_uninit();
+    slot.write(make());
+    // SAFETY: written just above; if `make` panics, the uninitialised box
+    // is freed without dropping a value.
+    Box::into_pin(unsafe { slot.assume_init() })
 }
 
 /// A request reached the service: its head is complete (the head clock
@@ -1032,6 +1059,7 @@ impl Watch {
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Some(res));
             }
+            act.stamp_head();
             if !closing {
                 match idle.as_mut().poll(cx) {
                     Poll::Pending => {}
@@ -1088,24 +1116,64 @@ enum Watched {
     Park,
 }
 
-/// Resolves once the connection has had no request in progress for `idle`,
-/// or a pending request head is older than `head`, or (with `park`) it has
-/// had nothing in progress for that long. One timer per connection,
-/// re-armed at most every `head` (so a head that starts mid-sleep is caught
-/// at its deadline) or `park`, and never per request.
-async fn idle_watch(
+pin_project_lite::pin_project! {
+    /// Resolves once the connection has had no request in progress for
+    /// `idle`, or a pending request head is older than `head`, or (with
+    /// `park`) it has had nothing in progress for that long. One timer per
+    /// connection, re-armed at most every `head` (so a head that starts
+    /// mid-sleep is caught at its deadline) or `park`, and never per request.
+    ///
+    /// It is polled on every wake of its connection, nearly always for
+    /// nothing: once its timer is registered with the task's waker, it is
+    /// only polled again after the timer fired (or for another waker).
+    struct IdleWatch {
+        act: Arc<Activity>,
+        idle: Duration,
+        head: Duration,
+        park: Option<Duration>,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        // `sleep` is set to the next deadline (not before the first poll).
+        armed: bool,
+        // The waker `sleep` was last polled with, while it is registered.
+        registered: Option<Waker>,
+    }
+}
+
+fn idle_watch(
     act: Arc<Activity>,
     idle: Duration,
     head: Duration,
     park: Option<Duration>,
-) -> Watched {
-    loop {
+) -> IdleWatch {
+    // Any deadline: the first poll sets it.
+    let sleep = tokio::time::sleep_until(act.start);
+    IdleWatch {
+        act,
+        idle,
+        head,
+        park,
+        sleep,
+        armed: false,
+        registered: None,
+    }
+}
+
+impl IdleWatch {
+    /// What has fired, or when to look again.
+    fn due(
+        act: &Activity,
+        idle: Duration,
+        head: Duration,
+        park: Option<Duration>,
+    ) -> Result<Watched, Instant> {
+        act.stamp_head();
         let now = Instant::now();
         let busy = act.active.load(Ordering::Relaxed) > 0;
         let last = Duration::from_millis(act.last_ms.load(Ordering::Relaxed));
         let idle_due = act.start + last + idle;
         if now >= idle_due && !busy {
-            return Watched::Idle;
+            return Ok(Watched::Idle);
         }
         let mut next = if now >= idle_due {
             now + idle
@@ -1117,7 +1185,7 @@ async fn idle_watch(
             if now < park_due {
                 next = next.min(park_due);
             } else if act.parkable() {
-                return Watched::Park;
+                return Ok(Watched::Park);
             } else {
                 // A response still streams, or a head is pending: look again later.
                 next = next.min(now + after);
@@ -1128,13 +1196,47 @@ async fn idle_watch(
             if since != NO_HEAD && !busy {
                 let head_due = act.start + Duration::from_millis(since) + head;
                 if now >= head_due {
-                    return Watched::SlowHead;
+                    return Ok(Watched::SlowHead);
                 }
                 next = next.min(head_due);
             }
             next = next.min(now + head);
         }
-        tokio::time::sleep_until(next).await;
+        Err(next)
+    }
+}
+
+impl Future for IdleWatch {
+    type Output = Watched;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Watched> {
+        let mut this = self.project();
+        loop {
+            if let Some(w) = this.registered.as_ref() {
+                if w.will_wake(cx.waker()) && !this.sleep.is_elapsed() {
+                    return Poll::Pending;
+                }
+            }
+            if *this.armed {
+                // With the task's budget used up, the sleep returns Pending
+                // without registering its timer's waker.
+                let budget = tokio::task::coop::has_budget_remaining();
+                if this.sleep.as_mut().poll(cx).is_pending() {
+                    *this.registered = budget.then(|| cx.waker().clone());
+                    return Poll::Pending;
+                }
+                *this.armed = false;
+                *this.registered = None;
+            }
+            match Self::due(this.act, *this.idle, *this.head, *this.park) {
+                Ok(fired) => return Poll::Ready(fired),
+                Err(next) => {
+                    this.sleep.as_mut().reset(next);
+                    *this.armed = true;
+                    *this.registered = None;
+                }
+            }
+        }
     }
 }
 
@@ -1259,6 +1361,56 @@ mod tests {
             tokio::time::sleep(PARK_AFTER / 4).await;
         }
         panic!("the connection was not parked");
+    }
+
+    /// A head that stops half-way gets its 408 `head` after its first
+    /// bytes, though its start is stamped only once hyper waits for the rest.
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_head_gets_its_408_at_the_header_timeout() {
+        let mut s = serve_one(Duration::from_secs(60), no_slow).await;
+        // After the connection's first poll: its watch has armed its timer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.client.write_all(b"GET /a HT").await.unwrap();
+        let head = tokio::select! {
+            biased;
+            _ = tokio::time::sleep(Duration::from_millis(10_500)) => None,
+            r = read_response(&mut s.client) => Some(r.0),
+        };
+        let head = head.expect("answered by the header timeout");
+        assert!(head.starts_with("http/1.1 408"), "{head}");
+    }
+
+    /// The watch's first poll comes when the task's coop budget is used up:
+    /// its timer could not register then, and the watch still fires.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_watch_fires_after_a_first_poll_without_budget() {
+        // In a task of its own: only its wakers get it polled again.
+        let task = tokio::spawn(async {
+            let act = Arc::new(Activity::new());
+            let watch = idle_watch(act, Duration::from_secs(5), Duration::from_secs(10), None);
+            tokio::pin!(watch);
+            let first = std::future::poll_fn(|cx| {
+                while tokio::task::coop::has_budget_remaining() {
+                    let spend = std::pin::pin!(tokio::task::consume_budget());
+                    let _ = spend.poll(cx);
+                }
+                Poll::Ready(watch.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(first);
+            // The later deadline is looked at first: a watch that was
+            // never woken, only polled along, loses.
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep(Duration::from_secs(60)) => None,
+                w = watch => Some(w),
+            }
+        });
+        let fired = task.await.unwrap();
+        assert!(
+            matches!(fired, Some(Watched::Idle)),
+            "the idle timeout fired"
+        );
     }
 
     #[tokio::test(start_paused = true)]
