@@ -9,7 +9,10 @@
 //! path resolves to is watched: the one holding each symlink met while
 //! resolving it, and the one holding the final file; the set is recomputed
 //! after every change, so the new `..2026_…` folder of a ConfigMap is
-//! watched once `..data` points at it.
+//! watched once `..data` points at it. Events for the other entries of
+//! those directories (a log written next to the config) are dropped on
+//! notify's thread: only one naming a symlink on the way, the file itself
+//! or a watched directory starts a look.
 //!
 //! An event only means "look again": after a debounce the files are hashed
 //! ([`content_hash`], reading through any symlink chain) and only a changed
@@ -67,6 +70,10 @@ struct Native {
     watcher: RecommendedWatcher,
     /// Directories currently watched.
     watched: BTreeSet<PathBuf>,
+    /// The paths whose events can change what the files resolve to or hold
+    /// (each symlink met, each file, the watched directories themselves);
+    /// notify's thread drops events for anything else in those directories.
+    relevant: Arc<Mutex<BTreeSet<PathBuf>>>,
     /// One token per burst of relevant events (capacity 1: a pending token
     /// already means "look again").
     events: mpsc::Receiver<()>,
@@ -233,9 +240,12 @@ impl Native {
         let (tx, events) = mpsc::channel(1);
         let error = Arc::new(Mutex::new(None));
         let seen_error = error.clone();
+        let relevant = Arc::new(Mutex::new(BTreeSet::new()));
+        let wanted = relevant.clone();
         // Runs on notify's own thread.
         let handler = move |res: notify::Result<Event>| match res {
             Ok(ev) if is_noise(&ev.kind) => {}
+            Ok(ev) if !concerns(&ev, &wanted.lock()) => {}
             Ok(_) => {
                 let _ = tx.try_send(());
             }
@@ -250,6 +260,7 @@ impl Native {
             let mut native = Native {
                 watcher,
                 watched: BTreeSet::new(),
+                relevant,
                 events,
                 error,
             };
@@ -303,7 +314,16 @@ impl Native {
 
     /// Watches exactly the directories `files` depend on. Blocking.
     fn sync(&mut self, files: &[PathBuf]) -> Result<(), String> {
-        let wanted: BTreeSet<PathBuf> = files.iter().flat_map(|f| watch_dirs(f)).collect();
+        let mut wanted = BTreeSet::new();
+        let mut relevant = BTreeSet::new();
+        for f in files {
+            let chain = resolve(f);
+            wanted.extend(chain.dirs);
+            relevant.extend(chain.entries);
+        }
+        relevant.extend(wanted.iter().cloned());
+        // Before the watches change, so no event of a new one is dropped.
+        *self.relevant.lock() = relevant;
         for gone in self.watched.difference(&wanted) {
             // Already gone when the directory was deleted: nothing to undo.
             let _ = self.watcher.unwatch(gone);
@@ -336,11 +356,32 @@ fn is_noise(kind: &EventKind) -> bool {
     matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
 }
 
+/// Whether an event can matter: it names one of the `relevant` paths, or
+/// names none (notify lost events and asks for a rescan, or cannot say).
+fn concerns(ev: &Event, relevant: &BTreeSet<PathBuf>) -> bool {
+    ev.need_rescan() || ev.paths.is_empty() || ev.paths.iter().any(|p| relevant.contains(p))
+}
+
+/// What `file` resolves through; see [`resolve`].
+struct Chain {
+    /// The directory holding each symlink met, then the one holding the file.
+    dirs: Vec<PathBuf>,
+    /// Each symlink met, then the file.
+    entries: Vec<PathBuf>,
+}
+
 /// The directories whose entries decide what `file` resolves to: the one
 /// holding each symlink met while resolving it, then the one holding the
 /// file. For a ConfigMap mount `dir/f -> ..data/f`, `..data -> ..2026_x`
 /// that is `dir` and `dir/..2026_x`. Paths come out absolute and resolved.
+#[cfg(test)]
 fn watch_dirs(file: &Path) -> Vec<PathBuf> {
+    resolve(file).dirs
+}
+
+/// Follows `file`'s symlinks as the kernel would (up to [`MAX_HOPS`]),
+/// recording the directories and entries met on the way.
+fn resolve(file: &Path) -> Chain {
     enum Part {
         Root,
         Up,
@@ -363,6 +404,7 @@ fn watch_dirs(file: &Path) -> Vec<PathBuf> {
             .unwrap_or_else(|_| file.to_path_buf())
     };
     let mut dirs = Vec::new();
+    let mut entries = Vec::new();
     let mut todo: VecDeque<Part> = parts(&abs).collect();
     let mut at = root.clone();
     let mut hops = 0;
@@ -388,6 +430,7 @@ fn watch_dirs(file: &Path) -> Vec<PathBuf> {
                         if !dirs.contains(&at) {
                             dirs.push(at.clone());
                         }
+                        entries.push(next);
                         // An absolute target starts with Root and resets `at`.
                         for p in parts(&target).rev() {
                             todo.push_front(p);
@@ -404,7 +447,8 @@ fn watch_dirs(file: &Path) -> Vec<PathBuf> {
             dirs.push(parent);
         }
     }
-    dirs
+    entries.push(at);
+    Chain { dirs, entries }
 }
 
 // === impl Hashes ===
@@ -675,6 +719,57 @@ mod tests {
         let _ = std::fs::read(&f).unwrap();
         tokio::time::sleep(DEBOUNCE * (MAX_STRETCH + 2)).await;
         assert_eq!(w.checks(), n, "reads woke the watch");
+    }
+
+    /// A config next to a log or a data file: writes, creates, renames and
+    /// deletes of the neighbours are not looked at.
+    #[tokio::test]
+    async fn other_files_in_the_directory_do_not_wake_the_watch() {
+        let d = Tmp::new("neighbours");
+        let f = d.write("c.yaml", "a: 1\n");
+        let mut w = FileWatch::spawn(vec![f.clone()], DEBOUNCE);
+        started(&w).await;
+        std::fs::write(&f, "a: 2\n").unwrap();
+        expect_change(&mut w, "write").await;
+        let n = w.checks();
+        for i in 0..3 {
+            let log = d.write("app.log", &format!("line {i}\n"));
+            let tmp = d.write(".app.log.tmp", "x");
+            std::fs::rename(&tmp, d.path("app.log.1")).unwrap();
+            std::fs::remove_file(&log).unwrap();
+        }
+        tokio::time::sleep(DEBOUNCE * (MAX_STRETCH + 2)).await;
+        assert_eq!(w.checks(), n, "a neighbour's events woke the watch");
+        // The watched file itself still is.
+        std::fs::write(&f, "a: 3\n").unwrap();
+        expect_change(&mut w, "write after the neighbours'").await;
+    }
+
+    #[test]
+    fn a_configmap_chain_names_each_symlink_and_the_file() {
+        let d = Tmp::new("chain");
+        std::fs::create_dir(d.path("..2026_01")).unwrap();
+        std::fs::write(d.path("..2026_01/c.yaml"), "a: 1\n").unwrap();
+        symlink("..2026_01", d.path("..data")).unwrap();
+        symlink("..data/c.yaml", d.path("c.yaml")).unwrap();
+        let chain = resolve(&d.path("c.yaml"));
+        assert_eq!(
+            chain.entries,
+            vec![
+                d.path("c.yaml"),
+                d.path("..data"),
+                d.path("..2026_01/c.yaml")
+            ]
+        );
+        let ev = |p: PathBuf| Event::new(EventKind::Any).add_path(p);
+        let relevant: BTreeSet<PathBuf> = chain.entries.into_iter().collect();
+        assert!(concerns(&ev(d.path("..data")), &relevant));
+        assert!(!concerns(&ev(d.path("..data_tmp")), &relevant));
+        assert!(!concerns(&ev(d.path("..2026_02")), &relevant));
+        assert!(
+            concerns(&Event::new(EventKind::Any), &relevant),
+            "no path: look"
+        );
     }
 
     #[tokio::test]
