@@ -364,23 +364,17 @@ fn concerns(ev: &Event, relevant: &BTreeSet<PathBuf>) -> bool {
 
 /// What `file` resolves through; see [`resolve`].
 struct Chain {
-    /// The directory holding each symlink met, then the one holding the file.
+    /// The directories whose entries decide what the file resolves to: the
+    /// one holding each symlink met, then the one holding the file.
     dirs: Vec<PathBuf>,
     /// Each symlink met, then the file.
     entries: Vec<PathBuf>,
 }
 
-/// The directories whose entries decide what `file` resolves to: the one
-/// holding each symlink met while resolving it, then the one holding the
-/// file. For a ConfigMap mount `dir/f -> ..data/f`, `..data -> ..2026_x`
-/// that is `dir` and `dir/..2026_x`. Paths come out absolute and resolved.
-#[cfg(test)]
-fn watch_dirs(file: &Path) -> Vec<PathBuf> {
-    resolve(file).dirs
-}
-
-/// Follows `file`'s symlinks as the kernel would (up to [`MAX_HOPS`]),
-/// recording the directories and entries met on the way.
+/// Follows `file`'s symlinks as the kernel would (up to [`MAX_HOPS`]). For a
+/// ConfigMap mount `dir/f -> ..data/f`, `..data -> ..2026_x` the directories
+/// are `dir` and `dir/..2026_x`, the entries `dir/f`, `dir/..data` and
+/// `dir/..2026_x/f`. Paths come out absolute and resolved.
 fn resolve(file: &Path) -> Chain {
     enum Part {
         Root,
@@ -544,6 +538,15 @@ mod tests {
             std::fs::write(&p, text).unwrap();
             p
         }
+        /// The layout kubelet mounts a ConfigMap with: `c.yaml ->
+        /// ..data/c.yaml`, `..data -> ..2026_01`. Returns `c.yaml`.
+        fn configmap(&self) -> PathBuf {
+            std::fs::create_dir(self.path("..2026_01")).unwrap();
+            std::fs::write(self.path("..2026_01/c.yaml"), "a: 1\n").unwrap();
+            symlink("..2026_01", self.path("..data")).unwrap();
+            symlink("..data/c.yaml", self.path("c.yaml")).unwrap();
+            self.path("c.yaml")
+        }
     }
 
     impl Drop for Tmp {
@@ -631,13 +634,8 @@ mod tests {
     #[tokio::test]
     async fn configmap_symlink_swap_is_seen() {
         let d = Tmp::new("configmap");
-        std::fs::create_dir(d.path("..2026_01")).unwrap();
-        std::fs::write(d.path("..2026_01/c.yaml"), "a: 1\n").unwrap();
-        symlink("..2026_01", d.path("..data")).unwrap();
-        symlink("..data/c.yaml", d.path("c.yaml")).unwrap();
-        let f = d.path("c.yaml");
-        let dirs = watch_dirs(&f);
-        assert_eq!(dirs, vec![d.0.clone(), d.path("..2026_01")]);
+        let f = d.configmap();
+        assert_eq!(resolve(&f).dirs, vec![d.0.clone(), d.path("..2026_01")]);
 
         let mut w = FileWatch::spawn(vec![f.clone()], DEBOUNCE);
         started(&w).await;
@@ -660,7 +658,7 @@ mod tests {
         let real = b.write("real.yaml", "a: 1\n");
         symlink(&real, a.path("c.yaml")).unwrap();
         let f = a.path("c.yaml");
-        assert_eq!(watch_dirs(&f), vec![a.0.clone(), b.0.clone()]);
+        assert_eq!(resolve(&f).dirs, vec![a.0.clone(), b.0.clone()]);
         let mut w = FileWatch::spawn(vec![f], DEBOUNCE);
         started(&w).await;
         std::fs::write(&real, "a: 2\n").unwrap();
@@ -748,11 +746,7 @@ mod tests {
     #[test]
     fn a_configmap_chain_names_each_symlink_and_the_file() {
         let d = Tmp::new("chain");
-        std::fs::create_dir(d.path("..2026_01")).unwrap();
-        std::fs::write(d.path("..2026_01/c.yaml"), "a: 1\n").unwrap();
-        symlink("..2026_01", d.path("..data")).unwrap();
-        symlink("..data/c.yaml", d.path("c.yaml")).unwrap();
-        let chain = resolve(&d.path("c.yaml"));
+        let chain = resolve(&d.configmap());
         assert_eq!(
             chain.entries,
             vec![
