@@ -1,4 +1,5 @@
 //! Client-facing listeners.
 
+mod fast;
 mod linger;
 pub(crate) mod listener;
