@@ -120,7 +120,7 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Step {
         if is_declined_header(name) {
             return Step::Decline;
         }
-        if name.eq_ignore_ascii_case(b"connection") {
+        if name.len() == 10 && name.eq_ignore_ascii_case(b"connection") {
             match connection_close(h.value) {
                 Some(c) => close |= c,
                 None => return Step::Decline,
@@ -172,16 +172,16 @@ fn decline_after_split(buf: &mut BytesMut, head: Bytes) -> Step {
 /// Headers that frame a body, expect an interim answer or change the
 /// protocol: hyper handles requests with any of them.
 fn is_declined_header(name: &[u8]) -> bool {
-    [
-        &b"content-length"[..],
-        b"transfer-encoding",
-        b"expect",
-        b"upgrade",
-        b"te",
-        b"trailer",
-    ]
-    .iter()
-    .any(|d| name.eq_ignore_ascii_case(d))
+    let declined: &[u8] = match name.len() {
+        2 => b"te",
+        6 => b"expect",
+        7 if name[0] | 0x20 == b'u' => b"upgrade",
+        7 => b"trailer",
+        14 => b"content-length",
+        17 => b"transfer-encoding",
+        _ => return false,
+    };
+    name.eq_ignore_ascii_case(declined)
 }
 
 /// `Some(close)` for a `Connection` value of only `keep-alive` / `close`
@@ -229,30 +229,49 @@ pub(crate) fn encode_head(
     headers: &HeaderMap,
     body: Option<Option<u64>>,
     head_method: bool,
+    last: bool,
+) -> Result<(Framing, bool), ()> {
+    let start = dst.len();
+    let res = encode_head_inner(dst, status, headers, body, head_method, last);
+    if res.is_err() {
+        // Nothing half-written.
+        dst.truncate(start);
+    }
+    res
+}
+
+/// A header line that combines the values of one name, still open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Open {
+    None,
+    TransferEncoding { chunked_last: bool },
+    Connection { close: bool },
+}
+
+fn encode_head_inner(
+    dst: &mut BytesMut,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Option<Option<u64>>,
+    head_method: bool,
     mut last: bool,
 ) -> Result<(Framing, bool), ()> {
-    let mut status = status;
-    let mut body = body;
-    let mut headers = headers;
     let empty = HeaderMap::new();
-    if status == StatusCode::SWITCHING_PROTOCOLS {
+    let (status, headers, body) = if status == StatusCode::SWITCHING_PROTOCOLS {
         last = true;
+        (status, headers, body)
     } else if status.is_informational() {
         // hyper does not send other 1xx answers as final ones: a bare 500.
-        status = StatusCode::INTERNAL_SERVER_ERROR;
-        headers = &empty;
-        body = None;
         last = true;
-    }
-    let can_body = !(head_method
-        || status.is_informational()
+        (StatusCode::INTERNAL_SERVER_ERROR, &empty, None)
+    } else {
+        (status, headers, body)
+    };
+    let no_length = status.is_informational()
         || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED);
-    let can_length = !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED);
+        || status == StatusCode::NOT_MODIFIED;
+    let can_body = !(head_method || no_length);
 
-    let start = dst.len();
     if status == StatusCode::OK {
         dst.put_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
@@ -265,96 +284,84 @@ pub(crate) fn encode_head(
     let mut framing = None;
     let mut wrote_date = false;
     let mut wrote_connection = false;
-    for (name, values) in headers_by_name(headers) {
+    // The values of one name come one after another in `iter`.
+    let mut prev: Option<&HeaderName> = None;
+    let mut open = Open::None;
+    let mut length_seen: Option<u64> = None;
+    for (name, value) in headers.iter() {
+        let same = prev == Some(name);
+        if !same {
+            close_line(dst, &mut open, last);
+            prev = Some(name);
+        }
+        let v = value.as_bytes();
         match *name {
-            header::CONTENT_LENGTH => {
-                match body {
-                    None if head_method => {
-                        // Describes the body a GET would have had: sent as is.
-                        for v in values {
-                            put_header(dst, name.as_str(), v.as_bytes());
-                        }
-                        framing = Some(Framing::Length(0));
+            header::CONTENT_LENGTH => match body {
+                // Describes the body a GET would have had: sent as is.
+                None if head_method => {
+                    put_header(dst, "content-length", v);
+                    framing = Some(Framing::Length(0));
+                }
+                // No body: dropped (an implicit 0 follows).
+                None => {}
+                Some(known) => {
+                    if !same && framing.is_some() {
+                        return Err(());
                     }
-                    // No body: the header is dropped (an implicit 0 follows).
-                    None => {}
-                    Some(known) => {
-                        if framing.is_some() {
-                            dst.truncate(start);
-                            return Err(());
+                    let n = parse_length(v).ok_or(())?;
+                    match length_seen {
+                        Some(first) if first != n => return Err(()),
+                        Some(_) => {}
+                        None => {
+                            put_header(dst, "content-length", v);
+                            length_seen = Some(n);
+                            // hyper trusts a body that knows its length.
+                            framing = Some(Framing::Length(known.unwrap_or(n)));
                         }
-                        let mut first: Option<u64> = None;
-                        for v in values {
-                            let Some(n) = parse_length(v.as_bytes()) else {
-                                dst.truncate(start);
-                                return Err(());
-                            };
-                            if first.is_some_and(|f| f != n) {
-                                dst.truncate(start);
-                                return Err(());
-                            }
-                            if first.is_none() {
-                                put_header(dst, "content-length", v.as_bytes());
-                                first = Some(n);
-                            }
-                        }
-                        // hyper trusts a body that knows its length.
-                        let n = known.or(first).unwrap_or(0);
-                        framing = Some(Framing::Length(n));
                     }
                 }
-            }
+            },
             header::TRANSFER_ENCODING => {
-                if framing.is_some() {
-                    dst.truncate(start);
+                if !same && framing.is_some() {
                     return Err(());
                 }
                 if !can_body {
                     continue;
                 }
-                dst.put_slice(b"transfer-encoding: ");
-                let mut sep = false;
-                let mut chunked_last = false;
-                for v in values {
-                    if std::mem::replace(&mut sep, true) {
-                        dst.put_slice(b", ");
-                    }
-                    dst.put_slice(v.as_bytes());
-                    chunked_last = is_chunked(v.as_bytes());
+                if let Open::TransferEncoding { .. } = open {
+                    dst.put_slice(b", ");
+                } else {
+                    dst.put_slice(b"transfer-encoding: ");
                 }
-                if !chunked_last {
-                    dst.put_slice(b", chunked");
-                }
-                dst.put_slice(b"\r\n");
+                dst.put_slice(v);
+                open = Open::TransferEncoding {
+                    chunked_last: is_chunked(v),
+                };
                 framing = Some(Framing::Chunked);
             }
             header::CONNECTION => {
+                let close = has_close(v);
+                last |= close;
+                if let Open::Connection { close: before } = open {
+                    dst.put_slice(b", ");
+                    open = Open::Connection {
+                        close: before || close,
+                    };
+                } else {
+                    dst.put_slice(b"connection: ");
+                    open = Open::Connection { close };
+                }
+                dst.put_slice(v);
                 wrote_connection = true;
-                dst.put_slice(b"connection: ");
-                let mut sep = false;
-                for v in values {
-                    if std::mem::replace(&mut sep, true) {
-                        dst.put_slice(b", ");
-                    }
-                    dst.put_slice(v.as_bytes());
-                    last |= has_close(v.as_bytes());
-                }
-                if last && !values_have_close(headers) {
-                    dst.put_slice(b", close");
-                }
-                dst.put_slice(b"\r\n");
             }
             header::TRAILER if !can_body => {}
             _ => {
-                if *name == header::DATE {
-                    wrote_date = true;
-                }
-                for v in values {
-                    put_header(dst, name.as_str(), v.as_bytes());
-                }
+                wrote_date |= *name == header::DATE;
+                put_header(dst, name.as_str(), v);
             }
         }
     }
+    close_line(dst, &mut open, last);
     if last && !wrote_connection {
         dst.put_slice(b"connection: close\r\n");
     }
@@ -366,19 +373,16 @@ pub(crate) fn encode_head(
                 Framing::Chunked
             }
             None | Some(Some(0)) => {
-                if can_length && !head_method {
+                if !no_length && !head_method {
                     dst.put_slice(b"content-length: 0\r\n");
                 }
                 Framing::Length(0)
             }
+            Some(Some(n)) if no_length => Framing::Length(n),
             Some(Some(n)) => {
-                if can_length {
-                    // Writing to a BytesMut cannot fail.
-                    let _ = write!(dst, "content-length: {n}\r\n");
-                    Framing::Length(n)
-                } else {
-                    Framing::Length(0)
-                }
+                // Writing to a BytesMut cannot fail.
+                let _ = write!(dst, "content-length: {n}\r\n");
+                Framing::Length(n)
             }
         },
     };
@@ -396,11 +400,23 @@ pub(crate) fn encode_head(
     Ok((framing, last))
 }
 
-/// The map's entries grouped by name, in the map's order.
-fn headers_by_name(
-    h: &HeaderMap,
-) -> impl Iterator<Item = (&HeaderName, http::header::GetAll<'_, HeaderValue>)> {
-    h.keys().map(move |k| (k, h.get_all(k)))
+/// Ends a combined header line: `chunked` last for a transfer coding, and
+/// `close` for a connection that closes.
+fn close_line(dst: &mut BytesMut, open: &mut Open, last: bool) {
+    match std::mem::replace(open, Open::None) {
+        Open::None => return,
+        Open::TransferEncoding { chunked_last } => {
+            if !chunked_last {
+                dst.put_slice(b", chunked");
+            }
+        }
+        Open::Connection { close } => {
+            if last && !close {
+                dst.put_slice(b", close");
+            }
+        }
+    }
+    dst.put_slice(b"\r\n");
 }
 
 fn put_header(dst: &mut BytesMut, name: &str, value: &[u8]) {
@@ -408,12 +424,6 @@ fn put_header(dst: &mut BytesMut, name: &str, value: &[u8]) {
     dst.put_slice(b": ");
     dst.put_slice(value);
     dst.put_slice(b"\r\n");
-}
-
-fn values_have_close(h: &HeaderMap) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_close(v.as_bytes()))
 }
 
 fn has_close(v: &[u8]) -> bool {
@@ -539,37 +549,30 @@ where
         };
         act.request_started();
         let mut req = req.map(|()| None::<Incoming>);
-        for name in conn.strip {
-            req.headers_mut().remove(name);
-        }
-        if let Some((name, value)) = conn.identity {
-            req.headers_mut().insert(name.clone(), value.clone());
-        }
-        // Boxed, as on hyper's path: the proxy future is large and a
-        // connection waiting for its next request should not hold its space.
-        let mut call = super::listener::box_in_place(|| {
-            let shared = conn.shared.clone();
-            let info = conn.info.clone();
-            async move { proxy::handle(req, &info, &shared).await }
-        });
+        super::listener::identify(req.headers_mut(), conn.strip, conn.identity);
         // The response, unless the client leaves first (EOF with nothing
-        // pipelined): then the request is cancelled, as hyper does.
-        let mut eof_watch = buf.is_empty();
-        let resp = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = call.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            if eof_watch {
-                match poll_read(io, cx, &mut buf) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
-                    Poll::Ready(Ok(_)) => eof_watch = false,
-                    Poll::Pending => {}
+        // pipelined): then the request is cancelled, as hyper does. Not
+        // boxed: this whole future is, and it is freed when the connection
+        // parks, so an idle connection holds none of it. Scoped: the
+        // request's state ends with this block.
+        let resp = {
+            let mut call = std::pin::pin!(proxy::handle(req, conn.info, conn.shared));
+            let mut eof_watch = buf.is_empty();
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = call.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
                 }
-            }
-            Poll::Pending
-        })
-        .await;
-        drop(call);
+                if eof_watch {
+                    match poll_read(io, cx, &mut buf) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                        Poll::Ready(Ok(_)) => eof_watch = false,
+                        Poll::Pending => {}
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        };
         let Some(resp) = resp else {
             act.response_ready();
             act.body_done();

@@ -1542,6 +1542,115 @@ mod tests {
         );
     }
 
+    /// The proxy's shared state with one route, `/` to `upstream`.
+    fn shared_for(upstream: std::net::SocketAddr) -> Arc<Shared> {
+        let yaml = format!(
+            "version: 1\nlisteners:\n  - name: l\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+             upstreams:\n  app:\n    endpoints: [\"{upstream}\"]\n\
+             routes:\n  - name: all\n    match:\n      path_prefix: /\n    upstream: app\n"
+        );
+        let config = Arc::new(crate::config::load_str(&yaml, "test").unwrap().config);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let registry = crate::registry::Registry::new(metrics.clone(), config.limits.max_in_flight);
+        let (snapshot, _) = registry.build(config, 1, None).unwrap();
+        Arc::new(Shared::new(snapshot, metrics, Shutdown::new()))
+    }
+
+    /// An upstream answering `up <path>` to every request, on real sockets.
+    async fn upstream() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(http1::Builder::new().serve_connection(
+                    TokioIo::new(s),
+                    service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("up {}", req.uri().path());
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+                    }),
+                ));
+            }
+        });
+        addr
+    }
+
+    /// Plain requests take the fast path to the upstream; the first one it
+    /// declines (a body) goes to hyper with the rest of the connection;
+    /// once parked, the connection comes back to the fast path. Real time:
+    /// requests go through the proxy to a real upstream.
+    #[tokio::test]
+    async fn plain_requests_take_the_fast_path_and_the_rest_go_to_hyper() {
+        let shared = shared_for(upstream().await);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, remote) = l.accept().await.unwrap();
+        let act = Arc::new(Activity::new());
+        let (back, _returned) = oneshot::channel();
+        let io = HeadClock::new(server, act.clone(), back);
+        // hyper's service here only counts what reaches it.
+        let hyper_calls = Arc::new(AtomicUsize::new(0));
+        let (svc_act, calls) = (act.clone(), hyper_calls.clone());
+        let svc = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+            let act = svc_act.clone();
+            calls.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async move {
+                request_started(&act);
+                let body = TestBody::new(Full::new(Bytes::from_static(b"hyper")));
+                Ok::<_, Infallible>(response_ready(act, http::Response::new(body)))
+            })
+        });
+        let watch = Watch {
+            shutdown: shared.shutdown.clone(),
+            activity: act.clone(),
+            idle: Duration::from_secs(60),
+            head: Duration::from_secs(10),
+        };
+        let served = tokio::spawn(async move {
+            let info = Arc::new(ConnInfo::new(remote, false));
+            let fast = fast::Conn {
+                shared: &shared,
+                info: &info,
+                strip: &[],
+                identity: None,
+                max_head: 64 * 1024,
+            };
+            watch
+                .serve_h1(&http1::Builder::new(), Some(&fast), Box::new((io, svc)))
+                .await;
+        });
+        let (head, body) = get(&mut client, "/a").await;
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert_eq!(body, b"up /a");
+        assert_eq!(
+            hyper_calls.load(Ordering::Relaxed),
+            0,
+            "served by the fast path"
+        );
+        client
+            .write_all(b"POST /b HTTP/1.1\r\nHost: t\r\ncontent-length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        let (_, body) = read_response(&mut client).await;
+        assert_eq!(body, b"hyper");
+        assert_eq!(
+            hyper_calls.load(Ordering::Relaxed),
+            1,
+            "a body goes to hyper"
+        );
+        let (_, body) = get(&mut client, "/c").await;
+        assert_eq!(body, b"hyper", "hyper keeps the connection until it parks");
+        until_parked(&act).await;
+        let (_, body) = get(&mut client, "/d").await;
+        assert_eq!(body, b"up /d", "back on the fast path once parked");
+        assert_eq!(hyper_calls.load(Ordering::Relaxed), 2);
+        // Parked again, now from the fast path, and resumed again.
+        until_parked(&act).await;
+        let (_, body) = get(&mut client, "/e").await;
+        assert_eq!(body, b"up /e");
+        drop(client);
+        served.await.unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_fresh_connection_that_sends_nothing_is_parked_too() {
         let mut s = serve_one(Duration::from_secs(60), no_slow).await;

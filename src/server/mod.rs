@@ -1,5 +1,5 @@
 //! Client-facing listeners.
 
-mod fast;
+pub(crate) mod fast;
 mod linger;
 pub(crate) mod listener;
