@@ -1089,9 +1089,16 @@ async fn get_ok(c: &mut RawConn, path: &str) {
 /// Requests of every kind pipelined on one connection in one write: plain
 /// GETs and HEADs (the HTTP/1.1 fast path), requests with bodies and
 /// `Connection: close` (hyper) are answered in order, each with its own
-/// body, and the upstream sees each once.
+/// body, and the upstream sees each once. The same with the fast path off
+/// (`http1_fast_path: false`), where hyper serves them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_plain_and_body_requests_are_answered_in_order() {
+    for listener in ["", "    http1_fast_path: false"] {
+        pipelined_requests_answered_in_order(listener).await;
+    }
+}
+
+async fn pipelined_requests_answered_in_order(listener: &str) {
     within(60, "test", async {
         let fake = FakeUpstream::with_handler(|req: Request<hyper::body::Incoming>, _| async move {
             let label = format!("{} {}", req.method(), req.uri().path());
@@ -1101,7 +1108,7 @@ async fn pipelined_plain_and_body_requests_are_answered_in_order() {
             }
         })
         .await;
-        let h = one_route_proxy(&fake, "").await;
+        let h = one_route_proxy(&fake, listener).await;
         let mut c = RawConn::connect(h.addr()).await;
         c.send(
             b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n\

@@ -298,6 +298,8 @@ struct Builders {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// `max_header_bytes`: the fast path declines a head that outgrows it.
     max_head: usize,
+    /// `http1_fast_path`.
+    fast: bool,
 }
 
 impl Builders {
@@ -321,6 +323,7 @@ impl Builders {
             h1,
             h2,
             max_head: cfg.max_header_bytes.0 as usize,
+            fast: cfg.http1_fast_path,
         }
     }
 }
@@ -776,7 +779,7 @@ impl Connection {
                     identity: fast.identity.as_ref(),
                     max_head: b.max_head,
                 };
-                watch.serve_h1(&b.h1, Some(&fast), io).await
+                watch.serve_h1(&b.h1, b.fast.then_some(&fast), io).await
             }
             Some(true) => {
                 // Boxed: an HTTP/2 connection's state is large and only h2
