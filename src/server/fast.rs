@@ -493,8 +493,11 @@ pub(crate) trait Hooks {
     /// Part of a request head is buffered: the head clock runs (bytes read
     /// while a request was in progress did not start it).
     fn head_pending(&self);
+    /// A head is complete: the head clock stops, a request is in progress.
     fn request_started(&self);
+    /// Its response is ready: the request ends, its body is in progress.
     fn response_ready(&self);
+    /// The response body is done with (written, failed or dropped).
     fn body_done(&self);
 }
 

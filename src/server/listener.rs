@@ -892,6 +892,8 @@ impl fast::Hooks for Activity {
     fn response_ready(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        // Counted before the request stops counting: the connection never
+        // looks idle in between.
         self.bodies.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -911,12 +913,7 @@ fn request_started(act: &Activity) {
 /// Its response is ready: the request ends, and the response body counts
 /// as in progress until hyper drops it.
 fn response_ready<B>(act: Arc<Activity>, resp: http::Response<B>) -> http::Response<Counted<B>> {
-    act.last_ms
-        .store(act.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    // Counted before the request stops counting: the connection never
-    // looks idle in between.
-    act.bodies.fetch_add(1, Ordering::Relaxed);
-    act.active.fetch_sub(1, Ordering::Relaxed);
+    fast::Hooks::response_ready(&*act);
     resp.map(|inner| Counted { inner, act })
 }
 
