@@ -24,7 +24,7 @@ seconds=$((minutes * 60))
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root/fuzz"
 
-targets="${TARGETS:-h1_response request_head config grpc_timeout certificate}"
+targets="${TARGETS:-h1_response request_head server_head config grpc_timeout certificate}"
 failed=()
 for t in $targets; do
   mkdir -p "work/$t" "artifacts/$t"

@@ -256,3 +256,83 @@ pub fn certificate(data: &[u8]) {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// The bytes as what a client sends to the HTTP/1.1 fast path (see
+/// `server::fast`): whole, and split in two at an offset taken from the
+/// data. However they arrive, the outcome is the same; a declined head
+/// leaves the bytes exactly as they were; a taken head is HTTP/1.1 with an
+/// origin-form target and none of the headers the fast path leaves to
+/// hyper. A response head made from the request's headers is framed so
+/// that httparse reads it back with the same status.
+pub fn server_head(data: &[u8]) {
+    use crate::server::fast::{self, Step};
+    let whole = outcome(data);
+    let cut = data
+        .first()
+        .map_or(0, |&b| usize::from(b) % (data.len() + 1));
+    let mut buf = bytes::BytesMut::from(&data[..cut]);
+    let first = fast::take_request(&mut buf);
+    if !matches!(first, Step::Partial) {
+        // A prefix already decides: the rest cannot change that (a taken
+        // head does not depend on later bytes; a declined one is declined).
+        return;
+    }
+    buf.extend_from_slice(&data[cut..]);
+    let split = fast::take_request(&mut buf);
+    assert_eq!(summary(&split, &buf), whole, "split at {cut}");
+
+    fn outcome(data: &[u8]) -> String {
+        let mut buf = bytes::BytesMut::from(data);
+        let step = fast::take_request(&mut buf);
+        if let Step::Request(req, head) = &step {
+            assert_eq!(req.version(), http::Version::HTTP_11);
+            assert!(req.uri().path().starts_with('/'));
+            assert_ne!(req.method(), Method::CONNECT);
+            for banned in [
+                "content-length",
+                "transfer-encoding",
+                "expect",
+                "upgrade",
+                "te",
+            ] {
+                assert!(!req.headers().contains_key(banned), "{banned} taken");
+            }
+            assert!(data.ends_with(&buf) && buf.len() < data.len());
+            assert_eq!(head.head_method, req.method() == Method::HEAD);
+            let mut out = bytes::BytesMut::new();
+            let status = http::StatusCode::from_u16(200 + (data.len() % 400) as u16)
+                .unwrap_or(http::StatusCode::OK);
+            let mut headers = req.headers().clone();
+            headers.remove(http::header::CONNECTION);
+            if fast::encode_head(&mut out, status, &headers, Some(Some(4)), false, head.close)
+                .is_ok()
+            {
+                let mut slots = [httparse::EMPTY_HEADER; 128];
+                let mut resp = httparse::Response::new(&mut slots);
+                let parsed = resp.parse(&out);
+                assert!(
+                    matches!(parsed, Ok(httparse::Status::Complete(n)) if n == out.len()),
+                    "encoded head does not parse: {parsed:?}"
+                );
+                assert_eq!(resp.code, Some(status.as_u16()));
+            }
+        } else if matches!(step, Step::Decline) {
+            assert_eq!(&buf[..], data, "declined bytes changed");
+        }
+        summary(&step, &buf)
+    }
+
+    fn summary(step: &Step, rest: &[u8]) -> String {
+        match step {
+            Step::Request(req, head) => format!(
+                "request {} {} {:?} {head:?} rest {}",
+                req.method(),
+                req.uri(),
+                req.headers(),
+                rest.len()
+            ),
+            Step::Partial => "partial".into(),
+            Step::Decline => "decline".into(),
+        }
+    }
+}

@@ -15,7 +15,7 @@ mod metrics;
 mod proxy;
 mod registry;
 mod series;
-mod server;
+pub(crate) mod server;
 mod shutdown;
 mod tls;
 

@@ -164,6 +164,11 @@ fn request_head_corpus_and_mutations() {
 }
 
 #[test]
+fn server_head_corpus_and_mutations() {
+    pass("server_head", 0x5eed_0006, fuzz_api::server_head);
+}
+
+#[test]
 fn config_corpus_and_mutations() {
     pass("config", 0x5eed_0003, fuzz_api::config);
 }
@@ -183,6 +188,7 @@ fn empty_and_tiny_inputs() {
     for f in [
         fuzz_api::h1_response,
         fuzz_api::request_head,
+        fuzz_api::server_head,
         fuzz_api::config,
         fuzz_api::grpc_timeout,
         fuzz_api::certificate,

@@ -1086,6 +1086,59 @@ async fn get_ok(c: &mut RawConn, path: &str) {
     assert_eq!(c.read_body(&resp).await, b"ok");
 }
 
+/// Requests of every kind pipelined on one connection in one write: plain
+/// GETs and HEADs (the HTTP/1.1 fast path), requests with bodies and
+/// `Connection: close` (hyper) are answered in order, each with its own
+/// body, and the upstream sees each once. The same with the fast path off
+/// (`http1_fast_path: false`), where hyper serves them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_plain_and_body_requests_are_answered_in_order() {
+    for listener in ["", "    http1_fast_path: false"] {
+        pipelined_requests_answered_in_order(listener).await;
+    }
+}
+
+async fn pipelined_requests_answered_in_order(listener: &str) {
+    within(60, "test", async {
+        let fake = FakeUpstream::with_handler(|req: Request<hyper::body::Incoming>, _| async move {
+            let label = format!("{} {}", req.method(), req.uri().path());
+            match req.into_body().collect().await {
+                Ok(b) => Ok(reply::status_body(200, format!("{label} {}", b.to_bytes().len()))),
+                Err(_) => Err(Reset),
+            }
+        })
+        .await;
+        let h = one_route_proxy(&fake, listener).await;
+        let mut c = RawConn::connect(h.addr()).await;
+        c.send(
+            b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n\
+              POST /2 HTTP/1.1\r\nHost: app.test\r\ncontent-length: 3\r\n\r\nabc\
+              GET /3 HTTP/1.1\r\nHost: app.test\r\n\r\n\
+              HEAD /4 HTTP/1.1\r\nHost: app.test\r\n\r\n\
+              PUT /5 HTTP/1.1\r\nHost: app.test\r\ntransfer-encoding: chunked\r\n\r\n2\r\nxy\r\n0\r\n\r\n\
+              GET /6 HTTP/1.1\r\nHost: app.test\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        for expected in ["GET /1 0", "POST /2 3", "GET /3 0", "", "PUT /5 2", "GET /6 0"] {
+            let resp = c.read_response().await;
+            assert_eq!(resp.status, 200, "{expected}: {resp:?}");
+            if expected.is_empty() {
+                // HEAD: the length of the GET's body, and no body.
+                assert_eq!(resp.header("content-length"), Some("9"), "{resp:?}");
+                continue;
+            }
+            assert_eq!(c.read_body(&resp).await, expected.as_bytes());
+        }
+        match within(10, "the close after /6", c.read_outcome()).await {
+            RawOutcome::Closed { partial, .. } => assert!(partial.is_empty(), "{partial:?}"),
+            RawOutcome::Response(r) => panic!("a response after connection: close: {r:?}"),
+        }
+        let paths: Vec<String> = fake.requests().iter().map(|r| r.uri.path().to_string()).collect();
+        assert_eq!(paths, ["/1", "/2", "/3", "/4", "/5", "/6"]);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_get_408_or_close() {
     within(60, "test", async {

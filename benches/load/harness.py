@@ -54,6 +54,9 @@ QUEUE_DEPTH = 16
 OVERLOAD_MULTS = [int(m) for m in os.environ.get("OVERLOAD_MULTS", "1,2,4").split(",")]
 
 CORE_TARGETS = ["direct", "nginx", "haproxy", "spillway"]
+# Not run unless named in TARGETS: Spillway with `http1_fast_path: false`
+# (hyper serves every request), to measure what the fast path buys.
+CORE_EXTRA = ["spillway-hyper"]
 OVERLOAD_TARGETS = ["direct", "haproxy", "nginx", "spillway-fifo", "spillway-lifo"]
 
 WORK = None
@@ -322,8 +325,16 @@ def proxy_config(target, up_port, overload):
             conf = render("spillway-overload.yaml", f"{target}.yaml", PORT=port,
                           ADMIN_PORT=admin, UPSTREAM=up, DISCIPLINE=disc)
         else:
-            conf = render("spillway-core.yaml", "spillway-core.yaml", PORT=port,
+            conf = render("spillway-core.yaml", f"{target}-core.yaml", PORT=port,
                           ADMIN_PORT=admin, UPSTREAM=up)
+            if target == "spillway-hyper":
+                bind = f"bind: 127.0.0.1:{port}\n"
+                with open(conf) as f:
+                    text = f.read()
+                if bind not in text:
+                    raise RuntimeError(f"no `{bind.strip()}` in {conf}")
+                with open(conf, "w") as f:
+                    f.write(text.replace(bind, bind + "    http1_fast_path: false\n", 1))
         return [SPILLWAY, "run", "--config", conf], port, admin
     raise RuntimeError(target)
 
@@ -485,7 +496,7 @@ def core():
     START_LOAD = loadavg()
     kind = upstream_kind("core")
     targets = os.environ.get("TARGETS", ",".join(CORE_TARGETS)).split(",")
-    targets = [t for t in targets if t in CORE_TARGETS]
+    targets = [t for t in targets if t in CORE_TARGETS + CORE_EXTRA]
     if "direct" not in targets:
         targets.insert(0, "direct")
     res = {t: [] for t in targets}  # per target: list of per-round dicts

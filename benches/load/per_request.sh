@@ -8,7 +8,8 @@
 # shutdown out. dhat sees only the system allocator: give it a
 # `--no-default-features` build. Only 127.0.0.1 is contacted; every process
 # started is stopped on exit.
-# Environment: N1 (500), N2 (2500), CONNS (1).
+# Environment: N1 (500), N2 (2500), CONNS (1), FAST_PATH (true; `false`
+# sets `http1_fast_path: false`: hyper serves every request).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,6 +41,7 @@ totals=()
 for n in "$N1" "$N2"; do
   P="$(port)"; A="$(port)"
   sed -e "s/@PORT@/$P/; s/@ADMIN_PORT@/$A/; s/@UPSTREAM@/127.0.0.1:$UP/" \
+    -e "/bind: 127.0.0.1:$P\$/a\\    http1_fast_path: ${FAST_PATH:-true}" \
     "$HERE/spillway-core.yaml" > "$WORK/core.yaml"
   case "$TOOL" in
     callgrind) args=(--tool=callgrind "--callgrind-out-file=$WORK/callgrind.$n.out") ;;

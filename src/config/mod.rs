@@ -66,6 +66,9 @@ pub struct ListenerConfig {
     pub idle_timeout: Dur,
     pub max_connections: usize,
     pub max_header_bytes: Size,
+    /// Plain HTTP/1.1 requests are served by Spillway's own codec, the rest
+    /// by hyper; `false`: hyper serves every request.
+    pub http1_fast_path: bool,
 }
 
 /// A listener's `tls:` block as validated; with `client_ca`, client certificates are verified.

@@ -44,6 +44,7 @@ pub(crate) struct RawListener {
     pub idle_timeout: Option<Dur>,
     pub max_connections: Option<u64>,
     pub max_header_bytes: Option<Size>,
+    pub http1_fast_path: Option<bool>,
 }
 
 /// A listener's `tls:` block as written.

@@ -121,7 +121,7 @@ impl Shared {
 
 /// Serves one request. Never fails: every failure is a local reply.
 pub(crate) async fn handle(
-    req: Request<Incoming>,
+    req: Request<Option<Incoming>>,
     conn: &ConnInfo,
     shared: &Shared,
 ) -> Response<ProxyBody> {
@@ -308,7 +308,7 @@ fn local_body(resp: Response<Bytes>) -> Response<ProxyBody> {
 
 /// The stages in order; a retry goes round attempt and decide again.
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<Option<Incoming>>,
     scan: headers::Scan,
     ctx: &Ctx<'_>,
     ledger: &mut Ledger,
@@ -538,7 +538,7 @@ struct Prepared {
 /// request would be moved into, and the result out of, one more future.
 fn prepare(
     ctx: &Ctx<'_>,
-    mut req: Request<Incoming>,
+    mut req: Request<Option<Incoming>>,
     mut scan: headers::Scan,
 ) -> (Prepared, Option<RequestBody>) {
     let cfg = &ctx.route.config;
@@ -587,21 +587,22 @@ fn prepare(
     let retries_on = cfg.retries.max_attempts > 1 && !upgrade;
     let mut client_wait = None;
     let mut unread = None;
-    let body = if body.is_end_stream() {
-        UpstreamBody::Replay(None)
-    } else {
-        let mut body = RequestBody::new(
-            body,
-            cfg.max_request_body.0,
-            cfg.timeouts.response_body_idle.0,
-        );
-        if retries_on && declared.is_some_and(|n| n <= cfg.retries.max_buffered_body.0) {
-            // Replaced by the bytes once the caller has read them.
-            unread = Some(body);
-            UpstreamBody::Replay(None)
-        } else {
-            client_wait = Some(body.client_wait());
-            UpstreamBody::Stream(body)
+    let body = match body.filter(|b| !b.is_end_stream()) {
+        None => UpstreamBody::Replay(None),
+        Some(body) => {
+            let mut body = RequestBody::new(
+                body,
+                cfg.max_request_body.0,
+                cfg.timeouts.response_body_idle.0,
+            );
+            if retries_on && declared.is_some_and(|n| n <= cfg.retries.max_buffered_body.0) {
+                // Replaced by the bytes once the caller has read them.
+                unread = Some(body);
+                UpstreamBody::Replay(None)
+            } else {
+                client_wait = Some(body.client_wait());
+                UpstreamBody::Stream(body)
+            }
         }
     };
     let prep = Prepared {

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::linger;
+use super::{fast, linger};
 use crate::config::watch::FileWatch;
 use crate::config::{content_hash, ListenerConfig, ListenerProtocol, ListenerTls};
 use crate::proxy::{self, ConnInfo, Shared};
@@ -296,6 +296,10 @@ impl Proto {
 struct Builders {
     h1: hyper::server::conn::http1::Builder,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// `max_header_bytes`: the fast path declines a head that outgrows it.
+    max_head: usize,
+    /// `http1_fast_path`.
+    fast: bool,
 }
 
 impl Builders {
@@ -315,7 +319,12 @@ impl Builders {
             .max_pending_accept_reset_streams(256)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
-        Builders { h1, h2 }
+        Builders {
+            h1,
+            h2,
+            max_head: cfg.max_header_bytes.0 as usize,
+            fast: cfg.http1_fast_path,
+        }
     }
 }
 
@@ -726,6 +735,10 @@ impl Connection {
             activity.head_clock_off.store(true, Ordering::Relaxed);
         }
         let (back, mut returned) = oneshot::channel();
+        let fast = FastParts {
+            info: info.clone(),
+            identity: identity.clone(),
+        };
         // The stream and the service, boxed and built in one expression:
         // an async fn's locals keep their space in the task while their
         // scope spans an await, even once moved from, and these move into
@@ -758,7 +771,16 @@ impl Connection {
             // Closed, failed or timed out before the first request; dropping
             // the stream hands it back for the lingering close.
             None => drop(io),
-            Some(false) => watch.serve_h1(&b.h1, io).await,
+            Some(false) => {
+                let fast = fast::Conn {
+                    shared: &self.shared,
+                    info: &fast.info,
+                    strip: &self.strip,
+                    identity: fast.identity.as_ref(),
+                    max_head: b.max_head,
+                };
+                watch.serve_h1(&b.h1, b.fast.then_some(&fast), io).await
+            }
             Some(true) => {
                 // Boxed: an HTTP/2 connection's state is large and only h2
                 // connections should pay for it.
@@ -810,12 +832,7 @@ fn service(
         let shared = shared.clone();
         let info = info.clone();
         let act = act.clone();
-        for name in strip.iter() {
-            req.headers_mut().remove(name);
-        }
-        if let Some((name, value)) = &identity {
-            req.headers_mut().insert(name.clone(), value.clone());
-        }
+        identify(req.headers_mut(), &strip, identity.as_ref());
         // Boxed per request: hyper keeps a connection's in-flight future
         // in a slot sized for it for the connection's whole life, so an
         // unboxed ~4 KiB proxy future cost every idle keep-alive connection
@@ -825,7 +842,7 @@ fn service(
         // of it, and this one is ~3.5 KiB.
         box_in_place(move || async move {
             request_started(&act);
-            let resp = proxy::handle(req, &info, &shared).await;
+            let resp = proxy::handle(req.map(Some), &info, &shared).await;
             Ok::<_, Infallible>(response_ready(act, resp))
         })
     })
@@ -835,12 +852,55 @@ fn service(
 /// `Box::pin(fut)` builds the future on the stack and then copies all of it
 /// into the box (~3.5 KiB here, however little of it the first state uses).
 /// The safe equivalent, `Box::pin(None)` then `set(Some(..))`, copies too.
-fn box_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+pub(super) fn box_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     let mut slot = Box::<F>::new_uninit();
     slot.write(make());
     // SAFETY: written just above; if `make` panics, the uninitialised box
     // is freed without dropping a value.
     Box::into_pin(unsafe { slot.assume_init() })
+}
+
+/// Removes the identity headers a client sent, and adds the verified one.
+pub(super) fn identify(
+    headers: &mut http::HeaderMap,
+    strip: &[HeaderName],
+    identity: Option<&(HeaderName, HeaderValue)>,
+) {
+    for name in strip {
+        headers.remove(name);
+    }
+    if let Some((name, value)) = identity {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+/// What the fast path needs besides the [`Connection`].
+struct FastParts {
+    info: Arc<ConnInfo>,
+    identity: Option<(HeaderName, HeaderValue)>,
+}
+
+impl fast::Hooks for Activity {
+    fn head_pending(&self) {
+        self.bytes_arrived();
+    }
+
+    fn request_started(&self) {
+        request_started(self);
+    }
+
+    fn response_ready(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        // Counted before the request stops counting: the connection never
+        // looks idle in between.
+        self.bodies.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn body_done(&self) {
+        self.bodies.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A request reached the service: its head is complete (the head clock
@@ -853,12 +913,7 @@ fn request_started(act: &Activity) {
 /// Its response is ready: the request ends, and the response body counts
 /// as in progress until hyper drops it.
 fn response_ready<B>(act: Arc<Activity>, resp: http::Response<B>) -> http::Response<Counted<B>> {
-    act.last_ms
-        .store(act.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    // Counted before the request stops counting: the connection never
-    // looks idle in between.
-    act.bodies.fetch_add(1, Ordering::Relaxed);
-    act.active.fetch_sub(1, Ordering::Relaxed);
+    fast::Hooks::response_ready(&*act);
     resp.map(|inner| Counted { inner, act })
 }
 
@@ -921,15 +976,24 @@ struct Watch {
 impl Watch {
     /// Serves HTTP/1.1 on `io` until the connection ends.
     ///
+    /// Requests go to the fast path ([`fast`]) first; the first one it
+    /// declines, with everything after it, goes to a hyper connection,
+    /// which serves the connection from there until it ends or parks.
+    ///
     /// A connection with nothing in progress for [`PARK_AFTER`] is parked:
-    /// hyper's connection is closed without shutting the stream down
-    /// ([`Activity::parked`]), which frees its buffers and state, and the
-    /// stream and service are taken back. The parked connection waits for
-    /// the client's next bytes under the same idle timeout and drain, then
-    /// a new hyper connection serves it. Clients see one keep-alive
-    /// connection throughout.
-    async fn serve_h1<S, Svc, B>(&self, h1: &http1::Builder, mut io: Box<(HeadClock<S>, Svc)>)
-    where
+    /// the fast path's buffers are freed, or hyper's connection is closed
+    /// without shutting the stream down ([`Activity::parked`]), which frees
+    /// its buffers and state, and the stream and service are taken back.
+    /// The parked connection waits for the client's next bytes under the
+    /// same idle timeout and drain, then the fast path serves it again.
+    /// Clients see one keep-alive connection throughout.
+    /// Without `fast` (tests of hyper's side), hyper serves every request.
+    async fn serve_h1<S, Svc, B>(
+        &self,
+        h1: &http1::Builder,
+        fast: Option<&fast::Conn<'_>>,
+        mut io: Box<(HeadClock<S>, Svc)>,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         Svc: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Unpin,
         Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -937,8 +1001,45 @@ impl Watch {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let act = &self.activity;
-        let mut park = Some(PARK_AFTER);
         loop {
+            let end = match fast {
+                Some(fast) => {
+                    let closing = AtomicBool::new(false);
+                    // Boxed: its buffers and state are freed while parked,
+                    // and the connection task does not carry its size.
+                    let mut served = Box::pin(fast::serve(&mut io.0, fast, &closing, &**act));
+                    self.drive(
+                        served.as_mut(),
+                        |_| closing.store(true, Ordering::Relaxed),
+                        Some(PARK_AFTER),
+                    )
+                    .await
+                }
+                None => None,
+            };
+            let mut park = Some(PARK_AFTER);
+            match end {
+                None if fast.is_none() => {
+                    // hyper alone: a pipelined head's start carried over
+                    // is served at once (parking again would find it).
+                    if !io.0.carry.is_empty() {
+                        park = None;
+                    }
+                }
+                // Failed, or the drain timeout expired.
+                None => return,
+                Some(fast::End::Closed) if !act.parked.load(Ordering::Relaxed) => return,
+                Some(fast::End::Closed) => {
+                    if !self.park(&mut io.0).await {
+                        return;
+                    }
+                    continue;
+                }
+                Some(fast::End::Declined(bytes)) => {
+                    io.0.carry = bytes;
+                    act.bytes_arrived();
+                }
+            }
             io = {
                 // Boxed, and built from the box's fields in one expression
                 // (see `Connection::run`). Scoped to this block: a Box
@@ -967,26 +1068,32 @@ impl Watch {
                 };
                 let mut io = io.into_inner();
                 if !read_buf.is_empty() {
-                    // hyper had read the start of a pipelined head: it goes
-                    // to the next connection at once, which then stays
-                    // unparked (parking it again would find the same
-                    // bytes). Copied: `read_buf` is a view of hyper's whole
-                    // read buffer, which is freed here.
+                    // hyper had read the start of a pipelined head: the
+                    // fast path takes it at once. Copied: `read_buf` is a
+                    // view of hyper's whole read buffer, which is freed here.
                     io.carry = Bytes::copy_from_slice(&read_buf);
-                    park = None;
                 }
                 Box::new((io, service))
             };
-            PARKS.fetch_add(1, Ordering::Relaxed);
-            if io.0.carry.is_empty() && !self.wait_parked(&mut io.0).await {
-                // Idle timeout or drain: dropped, the stream goes back for
-                // the lingering close, as hyper's graceful close of an idle
-                // connection ends in it. Or the read failed: just closed.
+            if io.0.carry.is_empty() && !self.park(&mut io.0).await {
                 return;
             }
-            // Resumed: the next hyper connection shuts the stream down for real.
-            act.parked.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Parks the connection until the client sends more: `false` when it
+    /// is to be closed instead.
+    async fn park<S: AsyncRead + AsyncWrite + Unpin>(&self, io: &mut HeadClock<S>) -> bool {
+        PARKS.fetch_add(1, Ordering::Relaxed);
+        if !self.wait_parked(io).await {
+            // Idle timeout or drain: dropped, the stream goes back for
+            // the lingering close, as hyper's graceful close of an idle
+            // connection ends in it. Or the read failed: just closed.
+            return false;
+        }
+        // Resumed: a hyper connection shuts the stream down for real.
+        self.activity.parked.store(false, Ordering::Relaxed);
+        true
     }
 
     /// A parked connection waits for bytes from the client: `true` to
@@ -1288,7 +1395,7 @@ mod tests {
         };
         let done = tokio::spawn(async move {
             let h1 = http1::Builder::new();
-            watch.serve_h1(&h1, Box::new((io, svc))).await;
+            watch.serve_h1(&h1, None, Box::new((io, svc))).await;
             returned.await.ok()
         });
         Served {
@@ -1433,6 +1540,115 @@ mod tests {
             s.done.await.unwrap().is_none(),
             "the client closed: not lingered"
         );
+    }
+
+    /// The proxy's shared state with one route, `/` to `upstream`.
+    fn shared_for(upstream: std::net::SocketAddr) -> Arc<Shared> {
+        let yaml = format!(
+            "version: 1\nlisteners:\n  - name: l\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+             upstreams:\n  app:\n    endpoints: [\"{upstream}\"]\n\
+             routes:\n  - name: all\n    match:\n      path_prefix: /\n    upstream: app\n"
+        );
+        let config = Arc::new(crate::config::load_str(&yaml, "test").unwrap().config);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let registry = crate::registry::Registry::new(metrics.clone(), config.limits.max_in_flight);
+        let (snapshot, _) = registry.build(config, 1, None).unwrap();
+        Arc::new(Shared::new(snapshot, metrics, Shutdown::new()))
+    }
+
+    /// An upstream answering `up <path>` to every request, on real sockets.
+    async fn upstream() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(http1::Builder::new().serve_connection(
+                    TokioIo::new(s),
+                    service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("up {}", req.uri().path());
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+                    }),
+                ));
+            }
+        });
+        addr
+    }
+
+    /// Plain requests take the fast path to the upstream; the first one it
+    /// declines (a body) goes to hyper with the rest of the connection;
+    /// once parked, the connection comes back to the fast path. Real time:
+    /// requests go through the proxy to a real upstream.
+    #[tokio::test]
+    async fn plain_requests_take_the_fast_path_and_the_rest_go_to_hyper() {
+        let shared = shared_for(upstream().await);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, remote) = l.accept().await.unwrap();
+        let act = Arc::new(Activity::new());
+        let (back, _returned) = oneshot::channel();
+        let io = HeadClock::new(server, act.clone(), back);
+        // hyper's service here only counts what reaches it.
+        let hyper_calls = Arc::new(AtomicUsize::new(0));
+        let (svc_act, calls) = (act.clone(), hyper_calls.clone());
+        let svc = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+            let act = svc_act.clone();
+            calls.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async move {
+                request_started(&act);
+                let body = TestBody::new(Full::new(Bytes::from_static(b"hyper")));
+                Ok::<_, Infallible>(response_ready(act, http::Response::new(body)))
+            })
+        });
+        let watch = Watch {
+            shutdown: shared.shutdown.clone(),
+            activity: act.clone(),
+            idle: Duration::from_secs(60),
+            head: Duration::from_secs(10),
+        };
+        let served = tokio::spawn(async move {
+            let info = Arc::new(ConnInfo::new(remote, false));
+            let fast = fast::Conn {
+                shared: &shared,
+                info: &info,
+                strip: &[],
+                identity: None,
+                max_head: 64 * 1024,
+            };
+            watch
+                .serve_h1(&http1::Builder::new(), Some(&fast), Box::new((io, svc)))
+                .await;
+        });
+        let (head, body) = get(&mut client, "/a").await;
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert_eq!(body, b"up /a");
+        assert_eq!(
+            hyper_calls.load(Ordering::Relaxed),
+            0,
+            "served by the fast path"
+        );
+        client
+            .write_all(b"POST /b HTTP/1.1\r\nHost: t\r\ncontent-length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        let (_, body) = read_response(&mut client).await;
+        assert_eq!(body, b"hyper");
+        assert_eq!(
+            hyper_calls.load(Ordering::Relaxed),
+            1,
+            "a body goes to hyper"
+        );
+        let (_, body) = get(&mut client, "/c").await;
+        assert_eq!(body, b"hyper", "hyper keeps the connection until it parks");
+        until_parked(&act).await;
+        let (_, body) = get(&mut client, "/d").await;
+        assert_eq!(body, b"up /d", "back on the fast path once parked");
+        assert_eq!(hyper_calls.load(Ordering::Relaxed), 2);
+        // Parked again, now from the fast path, and resumed again.
+        until_parked(&act).await;
+        let (_, body) = get(&mut client, "/e").await;
+        assert_eq!(body, b"up /e");
+        drop(client);
+        served.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

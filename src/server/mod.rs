@@ -1,4 +1,5 @@
 //! Client-facing listeners.
 
+pub(crate) mod fast;
 mod linger;
 pub(crate) mod listener;

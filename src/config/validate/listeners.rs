@@ -61,6 +61,7 @@ impl Validator<'_> {
                     10_000,
                 ),
                 max_header_bytes,
+                http1_fast_path: l.http1_fast_path.unwrap_or(true),
             });
         }
         out
