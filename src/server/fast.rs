@@ -560,17 +560,13 @@ where
         // request's state ends with this block.
         let resp = {
             let mut call = std::pin::pin!(proxy::handle(req, conn.info, conn.shared));
-            let mut eof_watch = buf.is_empty();
+            let mut eof = EofWatch::new(&buf);
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = call.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                if eof_watch {
-                    match poll_read(io, cx, &mut buf) {
-                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
-                        Poll::Ready(Ok(_)) => eof_watch = false,
-                        Poll::Pending => {}
-                    }
+                if eof.poll_gone(io, cx, &mut buf) {
+                    return Poll::Ready(None);
                 }
                 Poll::Pending
             })
@@ -583,7 +579,7 @@ where
         };
         act.response_ready();
         let last = head.close || closing.load(Ordering::Relaxed);
-        let sent = write_response(io, &mut out, &mut buf, resp, head, last).await;
+        let sent = write_response(io, &mut out, &mut buf, resp, head.head_method, last).await;
         act.body_done();
         match sent {
             Ok(true) => {}
@@ -591,6 +587,37 @@ where
         }
         if buf.capacity() > READ_BUF * 4 && buf.is_empty() {
             buf = BytesMut::new();
+        }
+    }
+}
+
+/// Notices a client that closes while its request is in progress, as hyper
+/// does: only while nothing of the client's is buffered; bytes that arrive
+/// instead (a pipelined head) are kept, and end the watch.
+struct EofWatch(bool);
+
+impl EofWatch {
+    fn new(buf: &BytesMut) -> Self {
+        EofWatch(buf.is_empty())
+    }
+
+    /// `true` once the client's stream has ended or failed.
+    fn poll_gone<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> bool {
+        if !self.0 {
+            return false;
+        }
+        match poll_read(io, cx, buf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(_)) => {
+                self.0 = false;
+                false
+            }
+            Poll::Pending => false,
         }
     }
 }
@@ -615,20 +642,15 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
     out: &mut BytesMut,
     buf: &mut BytesMut,
     resp: Response<ProxyBody>,
-    head: Head,
+    head_method: bool,
     last: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     out.clear();
     let length = body_length(&body);
-    let Ok((framing, last)) = encode_head(
-        out,
-        parts.status,
-        &parts.headers,
-        length,
-        head.head_method,
-        last,
-    ) else {
+    let Ok((framing, last)) =
+        encode_head(out, parts.status, &parts.headers, length, head_method, last)
+    else {
         tracing::debug!(status = %parts.status, "response head cannot be framed: closing the connection");
         return Ok(false);
     };
@@ -643,7 +665,7 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
         io.write_all(out).await?;
         return Ok(!last);
     }
-    let mut eof_watch = buf.is_empty();
+    let mut eof = EofWatch::new(buf);
     loop {
         let next = std::future::poll_fn(|cx| {
             match Pin::new(&mut body).poll_frame(cx) {
@@ -651,12 +673,8 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
                 Poll::Pending if !out.is_empty() => return Poll::Ready(Next::Flush),
                 Poll::Pending => {}
             }
-            if eof_watch {
-                match poll_read(io, cx, buf) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Next::Gone),
-                    Poll::Ready(Ok(_)) => eof_watch = false,
-                    Poll::Pending => {}
-                }
+            if eof.poll_gone(io, cx, buf) {
+                return Poll::Ready(Next::Gone);
             }
             Poll::Pending
         })

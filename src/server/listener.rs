@@ -852,7 +852,7 @@ fn service(
 /// `Box::pin(fut)` builds the future on the stack and then copies all of it
 /// into the box (~3.5 KiB here, however little of it the first state uses).
 /// The safe equivalent, `Box::pin(None)` then `set(Some(..))`, copies too.
-pub(super) fn box_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+fn box_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     let mut slot = Box::<F>::new_uninit();
     slot.write(make());
     // SAFETY: written just above; if `make` panics, the uninitialised box
@@ -1002,11 +1002,13 @@ impl Watch {
     {
         let act = &self.activity;
         loop {
-            let end = match fast {
-                Some(fast) => {
+            let mut park = Some(PARK_AFTER);
+            if let Some(fast) = fast {
+                // Scoped: the fast path's future (boxed, with its buffers
+                // and state, so the connection task does not carry its
+                // size) is freed before the connection parks.
+                let end = {
                     let closing = AtomicBool::new(false);
-                    // Boxed: its buffers and state are freed while parked,
-                    // and the connection task does not carry its size.
                     let mut served = Box::pin(fast::serve(&mut io.0, fast, &closing, &**act));
                     self.drive(
                         served.as_mut(),
@@ -1014,31 +1016,26 @@ impl Watch {
                         Some(PARK_AFTER),
                     )
                     .await
-                }
-                None => None,
-            };
-            let mut park = Some(PARK_AFTER);
-            match end {
-                None if fast.is_none() => {
-                    // hyper alone: a pipelined head's start carried over
-                    // is served at once (parking again would find it).
-                    if !io.0.carry.is_empty() {
-                        park = None;
+                };
+                match end {
+                    // Failed, or the drain timeout expired.
+                    None => return,
+                    Some(fast::End::Closed) if !act.parked.load(Ordering::Relaxed) => return,
+                    Some(fast::End::Closed) => {
+                        if !self.park(&mut io.0).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(fast::End::Declined(bytes)) => {
+                        io.0.carry = bytes;
+                        act.bytes_arrived();
                     }
                 }
-                // Failed, or the drain timeout expired.
-                None => return,
-                Some(fast::End::Closed) if !act.parked.load(Ordering::Relaxed) => return,
-                Some(fast::End::Closed) => {
-                    if !self.park(&mut io.0).await {
-                        return;
-                    }
-                    continue;
-                }
-                Some(fast::End::Declined(bytes)) => {
-                    io.0.carry = bytes;
-                    act.bytes_arrived();
-                }
+            } else if !io.0.carry.is_empty() {
+                // hyper alone: a pipelined head's start carried over is
+                // served at once (parking again would find it).
+                park = None;
             }
             io = {
                 // Boxed, and built from the box's fields in one expression
