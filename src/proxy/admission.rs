@@ -594,6 +594,17 @@ impl Admission {
         self.acquire_as(Ticket::default(), deadline).await
     }
 
+    /// A free permit, taken without waiting: what [`Self::acquire_as`] grants
+    /// at once when nobody queues and a permit is free (and nothing in shadow
+    /// mode). `None` means the caller must go through `acquire_as`.
+    pub(crate) fn try_acquire_now(self: &Arc<Self>, ticket: Ticket) -> Option<Admitted> {
+        if !self.locked.load(Ordering::Acquire) && self.try_acquire_fast(ticket.class) {
+            Some(self.admitted(ticket, Duration::ZERO, None, None))
+        } else {
+            None
+        }
+    }
+
     /// Waits for a permit. `deadline` is the request's overall deadline: the
     /// queue wait ends at `min(enqueue + max_wait, deadline)`. A free permit is
     /// granted even past the deadline (later stages enforce it); a request that
@@ -608,8 +619,8 @@ impl Admission {
         ticket: Ticket,
         deadline: Option<Instant>,
     ) -> Result<Admitted, Rejected> {
-        if !self.locked.load(Ordering::Acquire) && self.try_acquire_fast(ticket.class) {
-            return Ok(self.admitted(ticket, Duration::ZERO, None, None));
+        if let Some(a) = self.try_acquire_now(ticket) {
+            return Ok(a);
         }
         let (slot, enqueued_at, max_wait, displaced) = match self.enqueue(ticket, deadline)? {
             Enqueued::Admitted(ticket, displaced) => {
@@ -1734,6 +1745,33 @@ mod tests {
         send_sync_static::<Arc<Admission>>();
         let adm = Admission::new(limits(1, 1, 1));
         send(&adm.acquire(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn try_acquire_now_takes_only_a_free_permit_with_nobody_queued() {
+        let adm = Admission::new(limits(1, 4, 60_000));
+        let first = adm
+            .try_acquire_now(Ticket::default())
+            .expect("a free permit");
+        assert_eq!(adm.in_flight(), 1);
+        assert!(
+            adm.try_acquire_now(Ticket::default()).is_none(),
+            "cap reached"
+        );
+        // A waiter queues; the permit freed goes to it, not to a new caller.
+        let waiting = queued_as(&adm, 0, 0);
+        drop(first);
+        assert!(
+            adm.try_acquire_now(Ticket::default()).is_none(),
+            "the waiter's permit"
+        );
+        let second = waiting.await.expect("the waiter is admitted");
+        assert_eq!(adm.in_flight(), 1);
+        drop(second);
+        assert!(adm.try_acquire_now(Ticket::default()).is_some());
+        // Shadow mode always judges through the queue, never at once.
+        let shadow = Admission::with_policy(limits(2, 2, 10_000), policy(&[0.0], None, true));
+        assert!(shadow.try_acquire_now(Ticket::default()).is_none());
     }
 
     #[tokio::test(start_paused = true)]

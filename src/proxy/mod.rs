@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use crate::config::FairKey;
 use crate::error::{ProxyError, Reason};
 use crate::metrics::{Label, Metrics};
-use crate::registry::{Route, RouteState, Snapshot};
+use crate::registry::{ClassCounters, Route, RouteState, Snapshot};
 use crate::shutdown::{Phase, Shutdown, Tracker};
 use admission::{GlobalPermit, Permit, Rejected, ShadowDecision, Ticket};
 use body::{BodyGuard, BodyOutcome, ClientWait, ProxyBody, RequestBody, RespBody, UpstreamBody};
@@ -313,7 +313,12 @@ async fn forward(
     ctx: &Ctx<'_>,
     ledger: &mut Ledger,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let admitted = admit(ctx, req.headers(), scan.content_length).await?;
+    let admitted = match admit(ctx, req.headers(), scan.content_length)? {
+        Admit::Now(a) => a,
+        // Boxed: only a request that has to queue builds the wait's future,
+        // which would otherwise enlarge (and be moved within) every request's.
+        Admit::Wait(ticket, class) => Box::pin(admit_queued(ctx, ticket, class)).await?,
+    };
     let (mut prep, unread) = prepare(ctx, req, scan);
     if let Some(body) = unread {
         // Boxed: a rare path whose future would otherwise enlarge every request's.
@@ -441,42 +446,82 @@ struct Admitted {
 /// classes and fairness keys), then the process-wide cap. The global cap
 /// counts requests at upstreams only: an overloaded route's queue must not
 /// fill it and shed other routes. In shadow mode nothing waits and nothing
-/// is refused; what would have been is counted.
-async fn admit(
-    ctx: &Ctx<'_>,
+/// is refused; what would have been is counted. Not an `async fn`: a free
+/// permit is taken at once, and only a request that must queue (or that
+/// shadow mode judges) goes on to [`admit_queued`].
+fn admit<'c>(
+    ctx: &'c Ctx<'_>,
     headers: &http::HeaderMap,
     declared: Option<u64>,
-) -> Result<Admitted, ProxyError> {
+) -> Result<Admit<'c>, ProxyError> {
     let cfg = &ctx.route.config;
-    let state = ctx.state();
     // Too large by declaration: refuse before any queueing or upstream work.
     if declared.is_some_and(|n| n > cfg.max_request_body.0) {
         return Err(ProxyError::new(Reason::BodyTooLarge));
     }
     let ticket = ctx.ticket(headers);
     let class = ctx.route.classes.get(ticket.class);
-    let shed = |reason| {
-        if let Some(c) = class {
-            c.shed.inc();
-        }
-        ctx.shed(reason)
-    };
-    let admitted = match state.admission.acquire_as(ticket, Some(ctx.deadline)).await {
-        Ok(a) => a,
+    match ctx.state().admission.try_acquire_now(ticket) {
+        Some(granted) => admitted(ctx, class, granted).map(Admit::Now),
+        None => Ok(Admit::Wait(ticket, class)),
+    }
+}
+
+/// What [`admit`] decided without waiting.
+enum Admit<'c> {
+    /// A free permit (and the process-wide one): go on.
+    Now(Admitted),
+    /// The request queues, or shadow mode decides: [`admit_queued`].
+    Wait(Ticket, Option<&'c ClassCounters>),
+}
+
+/// Admit, for a request that found no free permit: the route's queue, with
+/// its classes and fairness keys (or shadow mode's verdict), then the rest
+/// of [`admitted`].
+async fn admit_queued(
+    ctx: &Ctx<'_>,
+    ticket: Ticket,
+    class: Option<&ClassCounters>,
+) -> Result<Admitted, ProxyError> {
+    let state = ctx.state();
+    match state.admission.acquire_as(ticket, Some(ctx.deadline)).await {
+        Ok(granted) => admitted(ctx, class, granted),
         Err(rejected) => {
             if rejected == Rejected::QueueTimeout {
                 state.count_timeout(TimeoutStage::Queue);
             }
-            return Err(shed(match rejected {
-                Rejected::QueueFull => Reason::QueueFull,
-                Rejected::QueueTimeout => Reason::QueueTimeout,
-                Rejected::Priority => Reason::Priority,
-                Rejected::FairShare => Reason::FairShare,
-            }));
+            Err(shed(
+                ctx,
+                class,
+                match rejected {
+                    Rejected::QueueFull => Reason::QueueFull,
+                    Rejected::QueueTimeout => Reason::QueueTimeout,
+                    Rejected::Priority => Reason::Priority,
+                    Rejected::FairShare => Reason::FairShare,
+                },
+            ))
         }
-    };
-    let shadow = admitted.shadow.is_some();
-    if let Some(decision) = admitted.shadow {
+    }
+}
+
+/// A shed reply, counted against the request's priority class.
+fn shed(ctx: &Ctx<'_>, class: Option<&ClassCounters>, reason: Reason) -> ProxyError {
+    if let Some(c) = class {
+        c.shed.inc();
+    }
+    ctx.shed(reason)
+}
+
+/// A route permit granted: what shadow mode would have done is counted, the
+/// process-wide permit taken, the queue wait observed.
+fn admitted(
+    ctx: &Ctx<'_>,
+    class: Option<&ClassCounters>,
+    granted: admission::Admitted,
+) -> Result<Admitted, ProxyError> {
+    let state = ctx.state();
+    let shadow = granted.shadow.is_some();
+    if let Some(decision) = granted.shadow {
         match decision {
             ShadowDecision::Admit => {}
             ShadowDecision::Queue | ShadowDecision::Reject(Rejected::QueueTimeout) => {
@@ -487,7 +532,7 @@ async fn admit(
             ShadowDecision::Reject(Rejected::FairShare) => ctx.shadow(ShadowLabel::FairShare),
         }
         // A virtual waiter this request displaced would have been shed.
-        match admitted.displaced {
+        match granted.displaced {
             Some(Rejected::Priority) => ctx.shadow(ShadowLabel::Priority),
             Some(Rejected::FairShare) => ctx.shadow(ShadowLabel::FairShare),
             _ => {}
@@ -499,16 +544,16 @@ async fn admit(
             ctx.shadow(ShadowLabel::GlobalLimit);
             None
         }
-        None => return Err(shed(Reason::GlobalLimit)),
+        None => return Err(shed(ctx, class, Reason::GlobalLimit)),
     };
     if let Some(c) = class {
         c.admitted.inc();
     }
-    let waited = admitted.waited.as_secs_f64();
+    let waited = granted.waited.as_secs_f64();
     state.hist.queue_wait.observe(waited);
     state.hist.queue.observe(waited);
     Ok(Admitted {
-        permit: admitted.permit,
+        permit: granted.permit,
         global,
     })
 }
