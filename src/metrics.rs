@@ -7,12 +7,13 @@
 //! `with_label_values` runs at most once per value, not on every request.
 
 use std::marker::PhantomData;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
-};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+mod histogram;
+
+pub(crate) use histogram::{Histogram, HistogramFamily};
 
 /// 0.5 ms .. 30 s, as docs/guide.md documents for every histogram.
 pub(crate) const BUCKETS: &[f64] = &[
@@ -23,14 +24,14 @@ pub(crate) const BUCKETS: &[f64] = &[
 pub(crate) struct Metrics {
     pub registry: Registry,
     pub requests_total: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub stage_duration: HistogramVec,
+    pub request_duration: Arc<HistogramFamily>,
+    pub stage_duration: Arc<HistogramFamily>,
     pub in_flight: IntGaugeVec,
     pub concurrency_limit: IntGaugeVec,
     pub queue_depth: IntGaugeVec,
     pub queue_depth_peak: IntGaugeVec,
     pub queue_capacity: IntGaugeVec,
-    pub queue_wait: HistogramVec,
+    pub queue_wait: Arc<HistogramFamily>,
     pub rejections_total: IntCounterVec,
     pub timeouts_total: IntCounterVec,
     pub retries_total: IntCounterVec,
@@ -69,13 +70,11 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     g
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
-        labels,
-    )
-    .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(h.clone()))
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Arc<HistogramFamily> {
+    let h = Arc::new(
+        HistogramFamily::new(name, help, labels).unwrap_or_else(|e| panic!("metric {name}: {e}")),
+    );
+    r.register(Box::new(histogram::Registered(h.clone())))
         .unwrap_or_else(|e| panic!("register {name}: {e}"));
     h
 }
@@ -317,28 +316,32 @@ fn resolve(vec: &IntCounterVec, fixed: &[&str], tail: &[&str]) -> IntCounter {
     vec.with_label_values(&labels)
 }
 
-/// Histogram handles of one route.
+/// Histogram handles of one route. The request's duration is also its
+/// `total` stage, and its queue wait its `queue` stage: one histogram each,
+/// exported under both names, so each is observed once per request.
 pub(crate) struct RouteHistograms {
-    pub duration: Histogram,
-    pub queue: Histogram,
-    pub connect: Histogram,
-    pub upstream_headers: Histogram,
-    pub total: Histogram,
-    pub queue_wait: Histogram,
+    /// `spillway_request_duration_seconds` and stage `total`.
+    pub duration: Arc<Histogram>,
+    /// `spillway_queue_wait_seconds` and stage `queue`.
+    pub queue_wait: Arc<Histogram>,
+    pub connect: Arc<Histogram>,
+    pub upstream_headers: Arc<Histogram>,
 }
 
 impl RouteHistograms {
     /// Resolves the histograms of `route` once, so the data path does no label lookups.
     pub(crate) fn new(m: &Metrics, route: &str) -> Self {
+        let duration = m.request_duration.with_label_values(&[route]);
+        let duration = m.stage_duration.share(&[route, "total"], &duration);
+        let queue_wait = m.queue_wait.with_label_values(&[route]);
+        let queue_wait = m.stage_duration.share(&[route, "queue"], &queue_wait);
         RouteHistograms {
-            duration: m.request_duration.with_label_values(&[route]),
-            queue: m.stage_duration.with_label_values(&[route, "queue"]),
+            duration,
+            queue_wait,
             connect: m.stage_duration.with_label_values(&[route, "connect"]),
             upstream_headers: m
                 .stage_duration
                 .with_label_values(&[route, "upstream_headers"]),
-            total: m.stage_duration.with_label_values(&[route, "total"]),
-            queue_wait: m.queue_wait.with_label_values(&[route]),
         }
     }
 }

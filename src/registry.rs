@@ -470,9 +470,9 @@ impl Drop for RouteState {
         remove_route_series(&m.timeouts_total, route);
         remove_route_series(&m.retries_total, route);
         remove_route_series(&m.retry_budget_exhausted_total, route);
-        remove_route_series(&m.request_duration, route);
-        remove_route_series(&m.stage_duration, route);
-        remove_route_series(&m.queue_wait, route);
+        m.request_duration.remove_where("route", route);
+        m.stage_duration.remove_where("route", route);
+        m.queue_wait.remove_where("route", route);
         remove_route_series(&m.in_flight, route);
         remove_route_series(&m.concurrency_limit, route);
         remove_route_series(&m.queue_depth, route);

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use prometheus::core::Metric;
 use tokio::time::Instant;
 
 use crate::metrics::BUCKETS;
@@ -210,14 +209,7 @@ pub(crate) fn p99_seconds(before: &[u64], now: &[u64]) -> Option<f64> {
 pub(crate) fn read(route: &Route) -> Reading {
     let st = &route.state;
     let stats = st.admission.stats();
-    let hist = st.hist.duration.metric();
-    let h = hist.get_histogram();
-    let mut duration_buckets: Vec<u64> = h
-        .get_bucket()
-        .iter()
-        .map(|b| b.cumulative_count())
-        .collect();
-    duration_buckets.push(h.get_sample_count());
+    let duration_buckets = st.hist.duration.snapshot().0.to_vec();
     Reading {
         requests: st.requests.total(),
         rejections: st.rejections.total(),

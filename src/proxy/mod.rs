@@ -290,7 +290,6 @@ fn record(state: &RouteState, arrival: Instant, status: u16, reason: Reason, now
     }
     let el = now.saturating_duration_since(arrival).as_secs_f64();
     state.hist.duration.observe(el);
-    state.hist.total.observe(el);
 }
 
 /// A local reply's bytes as the client's body.
@@ -551,7 +550,6 @@ fn admitted(
     }
     let waited = granted.waited.as_secs_f64();
     state.hist.queue_wait.observe(waited);
-    state.hist.queue.observe(waited);
     Ok(Admitted {
         permit: granted.permit,
         global,

@@ -19,7 +19,6 @@ use http::{Method, Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::Histogram;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
@@ -30,13 +29,13 @@ use super::headers::Forwarded;
 pub(crate) use super::io::UpstreamIo;
 use super::outcome::{AttemptError, AttemptErrorKind, AttemptOutcome};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
-use crate::metrics::{LabelCounters, Metrics};
+use crate::metrics::{Histogram, LabelCounters, Metrics};
 use crate::tls::{ClientTlsSettings, TlsClient};
 
 tokio::task_local! {
     /// The route's `connect` stage histogram, set around an upstream call so the
     /// connector (which knows nothing of routes) can time the TCP connect.
-    pub(crate) static CONNECT_STAGE: Histogram;
+    pub(crate) static CONNECT_STAGE: Arc<Histogram>;
 }
 
 /// An upstream and its state.
@@ -308,7 +307,7 @@ impl Upstream {
         mut parts: http::request::Parts,
         body: UpstreamBody,
         fwd: &Forwarded,
-        connect_stage: &'a Histogram,
+        connect_stage: &'a Arc<Histogram>,
         now: Instant,
         deadline: Instant,
     ) -> Call<'a> {
