@@ -95,7 +95,6 @@ enum CallState<'a> {
     /// resend on a new connection, should the pooled one turn out closed.
     Pooled {
         exchange: h1::ExchangeFuture,
-        head: Bytes,
         method: Method,
     },
     /// HTTP/1.1 on a new connection, or HTTP/2.
@@ -343,15 +342,7 @@ impl Upstream {
                 drop(parts.uri);
                 match pooled {
                     Some(conn) => CallState::Pooled {
-                        exchange: h1::exchange(
-                            conn,
-                            true,
-                            head.clone(),
-                            body,
-                            &method,
-                            pool.clone(),
-                        ),
-                        head,
+                        exchange: h1::exchange(conn, true, head, body, &method, pool.clone()),
                         method,
                     },
                     // Boxed: a new connection is the rare case (pool hits are not).
@@ -569,29 +560,22 @@ impl<'a> CallState<'a> {
     ) -> Poll<Result<Response<RespBody>, AttemptError>> {
         loop {
             match self {
-                CallState::Pooled {
-                    exchange,
-                    head,
-                    method,
-                } => match std::task::ready!(Pin::new(exchange).poll(cx)) {
-                    Err(h1::Error::Stale(msg, body)) => {
-                        // A pooled connection the upstream closed meanwhile
-                        // costs one more try, on a new connection.
-                        tracing::debug!(endpoint = ep.label(), error = %msg, "pooled connection was closed; sending again on a new one");
-                        let call = upstream.send_fresh(
-                            ep,
-                            head.clone(),
-                            method.clone(),
-                            body,
-                            connect_stage,
-                        );
-                        *self = CallState::Boxed(Box::pin(call));
+                CallState::Pooled { exchange, method } => {
+                    match std::task::ready!(Pin::new(exchange).poll(cx)) {
+                        Err(h1::Error::Stale(msg, head, body)) => {
+                            // A pooled connection the upstream closed meanwhile
+                            // costs one more try, on a new connection.
+                            tracing::debug!(endpoint = ep.label(), error = %msg, "pooled connection was closed; sending again on a new one");
+                            let call =
+                                upstream.send_fresh(ep, head, method.clone(), body, connect_stage);
+                            *self = CallState::Boxed(Box::pin(call));
+                        }
+                        r => {
+                            *self = CallState::Done;
+                            return Poll::Ready(h1_result(r));
+                        }
                     }
-                    r => {
-                        *self = CallState::Done;
-                        return Poll::Ready(h1_result(r));
-                    }
-                },
+                }
                 CallState::Boxed(call) => {
                     let r = std::task::ready!(call.as_mut().poll(cx));
                     *self = CallState::Done;
@@ -614,7 +598,7 @@ fn h1_result(
         Err(h1::Error::Reset(msg)) => Err(AttemptError::reset(msg)),
         // Only a reused connection is ever stale, and that one is resent
         // before it gets here.
-        Err(h1::Error::Stale(msg, _)) => Err(AttemptError::reset(msg)),
+        Err(h1::Error::Stale(msg, ..)) => Err(AttemptError::reset(msg)),
         // The request body is only ever the client's (or replay bytes,
         // which cannot fail): classified by the error it carries.
         Err(h1::Error::Body(e)) => Err(AttemptError::classify(e, AttemptErrorKind::Reset)),

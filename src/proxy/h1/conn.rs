@@ -335,7 +335,8 @@ impl<T: Io> std::future::Future for ExchangeFuture<T> {
                 let unsent = s.broken && !s.touched;
                 if this.reused && (this.idempotent || unsent) && replayable {
                     let body = std::mem::replace(&mut this.ex.sender.body, UpstreamBody::Empty);
-                    Error::Stale(msg, body)
+                    let head = std::mem::take(&mut this.ex.request_head);
+                    Error::Stale(msg, head, body)
                 } else {
                     Error::Reset(msg)
                 }
@@ -737,7 +738,7 @@ mod tests {
         .await
         {
             Ok(r) => r,
-            Err(Error::Stale(m, _)) => return Err(format!("stale: {m}")),
+            Err(Error::Stale(m, ..)) => return Err(format!("stale: {m}")),
             Err(Error::Reset(m)) => return Err(m),
             Err(Error::Body(e)) => return Err(e.to_string()),
         };
@@ -896,8 +897,11 @@ mod tests {
         let replay = UpstreamBody::Replay(Some(body.clone()));
         let head = encode_head(&Method::PUT, "/", &HeaderMap::new(), None, &replay).freeze();
         let conn = Conn::new(UpstreamIo::Plain(client));
-        match exchange(conn, true, head, replay, &Method::PUT, pool).await {
-            Err(Error::Stale(_, UpstreamBody::Replay(Some(back)))) => assert_eq!(back, body),
+        match exchange(conn, true, head.clone(), replay, &Method::PUT, pool).await {
+            Err(Error::Stale(_, head_back, UpstreamBody::Replay(Some(back)))) => {
+                assert_eq!(head_back, head, "the head comes back too");
+                assert_eq!(back, body);
+            }
             Err(Error::Stale(..)) => panic!("the body must come back whole"),
             Err(Error::Reset(m)) => panic!("reset instead of stale: {m}"),
             Err(Error::Body(e)) => panic!("body error: {e}"),

@@ -34,6 +34,7 @@ pub(crate) use conn::{exchange, ExchangeFuture, H1Body, Upgraded};
 pub(crate) use encode::encode_head;
 pub(crate) use pool::{Conn, Pool, Reaper};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::outcome::BoxError;
@@ -71,8 +72,9 @@ const MAX_READ: usize = 64 * 1024;
 pub(crate) enum Error {
     /// A reused connection turned out to be closed before any byte of a
     /// response arrived, and the request can be sent again as it was
-    /// (idempotent, or its head was never written): here it is back.
-    Stale(String, UpstreamBody),
+    /// (idempotent, or its head was never written): here it is back, head
+    /// and body.
+    Stale(String, Bytes, UpstreamBody),
     /// The connection broke, or the upstream broke the protocol.
     Reset(String),
     /// The client's request body failed (limit, stall, or its connection).

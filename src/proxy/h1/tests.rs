@@ -68,7 +68,7 @@ async fn run_with(
     let fut = async move {
         let resp = match exchange(Conn::new(io), false, head, body, &method, p).await {
             Ok(r) => r,
-            Err(Error::Stale(m, _)) => return Err(format!("stale: {m}")),
+            Err(Error::Stale(m, ..)) => return Err(format!("stale: {m}")),
             Err(Error::Reset(m)) => return Err(format!("reset: {m}")),
             Err(Error::Body(e)) => return Err(format!("request body: {e}")),
         };
