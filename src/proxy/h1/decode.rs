@@ -99,14 +99,15 @@ pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Hea
         }
         (len, resp.code, resp.version == Some(0), resp.headers.len())
     };
-    let head = buf.split_to(len).freeze();
+    let mut head = buf.split_to(len).freeze();
     let code = code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| format!("invalid upstream status {code}"))?;
     let mut headers = HeaderMap::with_capacity(count);
     let mut framing = Framing::default();
-    let mut add = |name: &[u8], value: Bytes| -> Result<(), String> {
-        let name = header_name(name).map_err(|_| "invalid upstream header name".to_string())?;
+    let name_of =
+        |name: &[u8]| header_name(name).map_err(|_| "invalid upstream header name".to_string());
+    let mut add = |name: HeaderName, value: Bytes| -> Result<(), String> {
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("invalid value in upstream header {name}"))?;
         framing.note(&name, &value);
@@ -114,17 +115,27 @@ pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Hea
         Ok(())
     };
     if count <= INLINE_SPANS {
-        for span in &spans[..count] {
+        for (i, span) in spans[..count].iter().enumerate() {
             let (n, v) = (span.name as usize, span.value as usize);
+            let end = v + span.value_len as usize;
             // Always in range (the offsets came from slices of these bytes);
             // checked anyway, as an error rather than a panic.
-            let (Some(name), true) = (
-                head.get(n..n + span.name_len as usize),
-                v + span.value_len as usize <= head.len(),
-            ) else {
+            let (Some(name), true) = (head.get(n..n + span.name_len as usize), end <= head.len())
+            else {
                 return Err("invalid upstream response head".into());
             };
-            add(name, head.slice(v..v + span.value_len as usize))?;
+            let name = name_of(name)?;
+            let value = if i + 1 == count {
+                // The last value is the head itself, cut down: one reference
+                // count update fewer than a slice and the head's drop.
+                let mut last = std::mem::take(&mut head);
+                last.truncate(end);
+                last.advance(v);
+                last
+            } else {
+                head.slice(v..end)
+            };
+            add(name, value)?;
         }
     } else {
         // More headers than were noted: the split-off head is parsed again,
@@ -137,7 +148,7 @@ pub(super) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Hea
             return Err(format!("invalid upstream response head: {e}"));
         }
         for h in resp.headers.iter() {
-            add(h.name.as_bytes(), head.slice_ref(h.value))?;
+            add(name_of(h.name.as_bytes())?, head.slice_ref(h.value))?;
         }
     }
 
