@@ -68,7 +68,8 @@ pub(crate) struct Shared {
     pub shutdown: Arc<Shutdown>,
     /// Upgraded (WebSocket) tunnels in progress.
     pub tunnels: Arc<Tracker>,
-    /// Requests received so far (the memory janitor watches for a pause).
+    /// Changes whenever a request arrives (the memory janitor watches for a
+    /// pause); not an exact count.
     pub requests: AtomicU64,
     no_route: IntCounter,
     no_route_rejections: IntCounter,
@@ -119,43 +120,185 @@ impl Shared {
     }
 }
 
+/// `?` for the stages in [`handle`]: an error leaves the labelled block.
+macro_rules! tri {
+    ($stages:lifetime, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => break $stages Err(e),
+        }
+    };
+}
+
 /// Serves one request. Never fails: every failure is a local reply.
-pub(crate) async fn handle(
+///
+/// An `async` block rather than an `async fn`: an `async fn` moves its
+/// arguments into locals of its own on the first poll, so the request (the
+/// largest of them) would be copied once more and kept twice in the future.
+pub(crate) fn handle<'a>(
     req: Request<Option<Incoming>>,
-    conn: &ConnInfo,
-    shared: &Shared,
-) -> Response<ProxyBody> {
-    let arrival = Instant::now();
-    shared.requests.fetch_add(1, Ordering::Relaxed);
-    let snap = shared.snapshot.load_full();
-    let scan = headers::Scan::of(req.headers());
-    let grpc = scan.grpc;
-    // CONNECT never matches a route: Spillway is not a forward proxy.
-    let idx = if req.method() == Method::CONNECT {
-        None
-    } else {
-        snap.router.route(&req)
-    };
-    let Some(route) = idx.and_then(|i| snap.routes.get(i)) else {
-        shared.no_route.inc();
-        shared.no_route_rejections.inc();
-        return local_body(ProxyError::new(Reason::NoRoute).into_response(grpc, None));
-    };
-    // From here the request is answered exactly once: by a local reply, by
-    // the upstream's response (its body guard), or as `client_abort` when
-    // the client leaves first and this future is dropped.
-    let mut ledger = Ledger {
-        state: route.state.clone(),
-        arrival,
-        open: true,
-    };
-    if shared.shutdown.phase() >= Phase::Stopping {
-        return ledger.reply(ProxyError::new(Reason::Draining), grpc, route);
-    }
-    let ctx = Ctx::new(shared, &snap, route, conn, arrival, scan.grpc_timeout);
-    match forward(req, scan, &ctx, &mut ledger).await {
-        Ok(resp) => resp,
-        Err(e) => ledger.reply(e, grpc, route),
+    conn: &'a ConnInfo,
+    shared: &'a Shared,
+) -> impl std::future::Future<Output = Response<ProxyBody>> + 'a {
+    async move {
+        let arrival = Instant::now();
+        // An activity signal for the memory janitor, not a count: a plain load
+        // and store instead of a locked read-modify-write on every request. An
+        // increment lost to a racing worker still changes the value.
+        let seen = shared.requests.load(Ordering::Relaxed);
+        shared
+            .requests
+            .store(seen.wrapping_add(1), Ordering::Relaxed);
+        let snap = shared.snapshot.load_full();
+        let scan = headers::Scan::of(req.headers());
+        let grpc = scan.grpc;
+        // CONNECT never matches a route: Spillway is not a forward proxy.
+        let idx = if req.method() == Method::CONNECT {
+            None
+        } else {
+            snap.router.route(&req)
+        };
+        let Some(route) = idx.and_then(|i| snap.routes.get(i)) else {
+            shared.no_route.inc();
+            shared.no_route_rejections.inc();
+            return local_body(ProxyError::new(Reason::NoRoute).into_response(grpc, None));
+        };
+        // From here the request is answered exactly once: by a local reply, by
+        // the upstream's response (its body guard), or as `client_abort` when
+        // the client leaves first and this future is dropped.
+        let mut ledger = Ledger {
+            state: route.state.clone(),
+            arrival,
+            open: true,
+        };
+        if shared.shutdown.phase() >= Phase::Stopping {
+            return ledger.reply(ProxyError::new(Reason::Draining), grpc, route);
+        }
+        let ctx = &Ctx::new(shared, &snap, route, conn, arrival, scan.grpc_timeout);
+        let ledger = &mut ledger;
+        // The stages in order; a retry goes round attempt and decide again. In
+        // line, not a function of their own: its future would be one more level
+        // for the request to be moved into.
+        let staged: Result<Response<ProxyBody>, ProxyError> = 'stages: {
+            let admitted = match tri!('stages, admit(ctx, req.headers(), scan.content_length)) {
+                Admit::Now(a) => a,
+                // Boxed: only a request that has to queue builds the wait's future,
+                // which would otherwise enlarge (and be moved within) every request's.
+                Admit::Wait(ticket, class) => {
+                    tri!('stages, Box::pin(admit_queued(ctx, ticket, class)).await)
+                }
+            };
+            let (mut prep, unread) = prepare(ctx, req, scan);
+            if let Some(body) = unread {
+                // Boxed: a rare path whose future would otherwise enlarge every request's.
+                match Box::pin(read_body(body, ctx.deadline)).await {
+                    Ok(b) => prep.body = UpstreamBody::Replay(Some(b)),
+                    Err(fault) => break 'stages Err(client_fault(ctx, fault)),
+                }
+            }
+            if ctx.route.config.retries.max_attempts > 1 && prep.client_upgrade.is_none() {
+                ctx.state().budget.deposit();
+            }
+            let upstream = &ctx.route.upstream;
+            let failure_on = upstream
+                .config
+                .circuit_breaker
+                .as_ref()
+                .map(|b| b.failure_on);
+            // Seeded only if a retry needs a backoff.
+            let mut rng = None;
+            let mut n: u32 = 0;
+            loop {
+                n += 1;
+                // Attempt: a breaker ticket, an endpoint, the per-try deadline, the
+                // call. Inline rather than a function of its own, whose future
+                // would be one more level to build, move and poll.
+                let now = Instant::now();
+                if now >= ctx.deadline {
+                    ctx.state().count_timeout(TimeoutStage::Request);
+                    break 'stages Err(ProxyError::new(Reason::UpstreamTimeout));
+                }
+                let ticket = tri!('stages, breaker_ticket(ctx));
+                // A retry prefers an endpoint other than the one that just failed.
+                let ep = upstream.pick_avoiding(prep.last_endpoint.as_deref());
+                let (call, attempt_deadline) =
+                    tri!('stages, start_call(ctx, &mut prep, n, now, &ep));
+                // Dropped mid-call (the client left): the attempt counts as cancelled.
+                let watch = CancelWatch {
+                    upstream,
+                    ep: &ep,
+                    armed: true,
+                };
+                // A route with a fixed cap has no adaptive limiter: its config says
+                // so, without a load of the shared one per attempt.
+                let adaptive = ctx.route.config.concurrency.adaptive.is_some();
+                // The load this attempt meets, for the adaptive limit (one atomic load).
+                let in_flight = if adaptive {
+                    ctx.state().admission.in_flight()
+                } else {
+                    0
+                };
+                let result = call.await;
+                watch.disarm();
+                // A timeout while the body waited for the client says nothing about the
+                // upstream's latency: no sample.
+                let client_stalled =
+                    result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
+                if adaptive && !client_stalled {
+                    adaptive::observe(ctx.state(), now, in_flight, &result);
+                }
+                ctx.state()
+                    .hist
+                    .upstream_headers
+                    .observe(now.elapsed().as_secs_f64());
+                if upstream.endpoint_count() > 1 {
+                    prep.last_endpoint = Some(ep.label().to_string());
+                }
+
+                // Decide: the table's verdict, the breaker, the counters.
+                let last_chance = attempt_deadline >= ctx.deadline;
+                let d = outcome::decide(tried(&result, last_chance, client_stalled), failure_on);
+                if let Some(t) = ticket {
+                    match d.breaker {
+                        Verdict::Success => t.success(),
+                        Verdict::Failure => t.failure(),
+                        Verdict::Neutral => drop(t),
+                    }
+                }
+                upstream.count(&ep, d.outcome);
+                if let Some(stage) = d.timeout {
+                    ctx.state().count_timeout(stage);
+                }
+                // The response stays where the call left it until it is answered
+                // with: it is moved once, into the client's response.
+                let (answered, unsent) = match &result {
+                    Ok(Ok(resp)) => (Some(resp.headers()), false),
+                    Ok(Err(e)) => {
+                        tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(e), attempt = n, "attempt failed");
+                        (None, e.unsent())
+                    }
+                    Err(upstream::TimedOut) => (None, false),
+                };
+                match retry_plan(ctx, &prep, &d, n, answered, unsent, &mut rng) {
+                    Some(delay) => {
+                        drop(result);
+                        if !delay.is_zero() {
+                            Box::pin(tokio::time::sleep(delay)).await;
+                        }
+                    }
+                    None => {
+                        let Ok(Ok(resp)) = result else {
+                            break 'stages Err(local(d));
+                        };
+                        break 'stages Ok(respond(ctx, resp, admitted, ep, &mut prep, ledger));
+                    }
+                }
+            }
+        };
+        match staged {
+            Ok(resp) => resp,
+            Err(e) => ledger.reply(e, grpc, route),
+        }
     }
 }
 
@@ -304,126 +447,6 @@ fn local_body(resp: Response<Bytes>) -> Response<ProxyBody> {
 }
 
 // === the stages ===
-
-/// The stages in order; a retry goes round attempt and decide again.
-async fn forward(
-    req: Request<Option<Incoming>>,
-    scan: headers::Scan,
-    ctx: &Ctx<'_>,
-    ledger: &mut Ledger,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let admitted = match admit(ctx, req.headers(), scan.content_length)? {
-        Admit::Now(a) => a,
-        // Boxed: only a request that has to queue builds the wait's future,
-        // which would otherwise enlarge (and be moved within) every request's.
-        Admit::Wait(ticket, class) => Box::pin(admit_queued(ctx, ticket, class)).await?,
-    };
-    let (mut prep, unread) = prepare(ctx, req, scan);
-    if let Some(body) = unread {
-        // Boxed: a rare path whose future would otherwise enlarge every request's.
-        match Box::pin(read_body(body, ctx.deadline)).await {
-            Ok(b) => prep.body = UpstreamBody::Replay(Some(b)),
-            Err(fault) => return Err(client_fault(ctx, fault)),
-        }
-    }
-    if ctx.route.config.retries.max_attempts > 1 && prep.client_upgrade.is_none() {
-        ctx.state().budget.deposit();
-    }
-    let upstream = &ctx.route.upstream;
-    let failure_on = upstream
-        .config
-        .circuit_breaker
-        .as_ref()
-        .map(|b| b.failure_on);
-    // Seeded only if a retry needs a backoff.
-    let mut rng = None;
-    let mut n: u32 = 0;
-    loop {
-        n += 1;
-        // Attempt: a breaker ticket, an endpoint, the per-try deadline, the
-        // call. Inline rather than a function of its own, whose future
-        // would be one more level to build, move and poll.
-        let now = Instant::now();
-        if now >= ctx.deadline {
-            ctx.state().count_timeout(TimeoutStage::Request);
-            return Err(ProxyError::new(Reason::UpstreamTimeout));
-        }
-        let ticket = breaker_ticket(ctx)?;
-        // A retry prefers an endpoint other than the one that just failed.
-        let ep = upstream.pick_avoiding(prep.last_endpoint.as_deref());
-        let (call, attempt_deadline) = start_call(ctx, &mut prep, n, now, &ep)?;
-        // Dropped mid-call (the client left): the attempt counts as cancelled.
-        let watch = CancelWatch {
-            upstream,
-            ep: &ep,
-            armed: true,
-        };
-        // A route with a fixed cap has no adaptive limiter: its config says
-        // so, without a load of the shared one per attempt.
-        let adaptive = ctx.route.config.concurrency.adaptive.is_some();
-        // The load this attempt meets, for the adaptive limit (one atomic load).
-        let in_flight = if adaptive {
-            ctx.state().admission.in_flight()
-        } else {
-            0
-        };
-        let result = call.await;
-        watch.disarm();
-        // A timeout while the body waited for the client says nothing about the
-        // upstream's latency: no sample.
-        let client_stalled =
-            result.is_err() && prep.client_wait.as_ref().is_some_and(|w| w.waiting());
-        if adaptive && !client_stalled {
-            adaptive::observe(ctx.state(), now, in_flight, &result);
-        }
-        ctx.state()
-            .hist
-            .upstream_headers
-            .observe(now.elapsed().as_secs_f64());
-        if upstream.endpoint_count() > 1 {
-            prep.last_endpoint = Some(ep.label().to_string());
-        }
-
-        // Decide: the table's verdict, the breaker, the counters.
-        let last_chance = attempt_deadline >= ctx.deadline;
-        let d = outcome::decide(tried(&result, last_chance, client_stalled), failure_on);
-        if let Some(t) = ticket {
-            match d.breaker {
-                Verdict::Success => t.success(),
-                Verdict::Failure => t.failure(),
-                Verdict::Neutral => drop(t),
-            }
-        }
-        upstream.count(&ep, d.outcome);
-        if let Some(stage) = d.timeout {
-            ctx.state().count_timeout(stage);
-        }
-        // The response stays where the call left it until it is answered
-        // with: it is moved once, into the client's response.
-        let (answered, unsent) = match &result {
-            Ok(Ok(resp)) => (Some(resp.headers()), false),
-            Ok(Err(e)) => {
-                tracing::debug!(route = %ctx.state().name, endpoint = ep.label(), side = ?e.side(), error = %upstream::error_chain(e), attempt = n, "attempt failed");
-                (None, e.unsent())
-            }
-            Err(upstream::TimedOut) => (None, false),
-        };
-        match retry_plan(ctx, &prep, &d, n, answered, unsent, &mut rng) {
-            Some(delay) => {
-                drop(result);
-                if !delay.is_zero() {
-                    Box::pin(tokio::time::sleep(delay)).await;
-                }
-            }
-            None => {
-                let Ok(Ok(resp)) = result else {
-                    return Err(local(d));
-                };
-                return Ok(respond(ctx, resp, admitted, ep, &mut prep, ledger));
-            }
-        }
-    }
-}
 
 /// The local reply a decision names (only called for failed attempts).
 fn local(d: Decision) -> ProxyError {
