@@ -67,7 +67,7 @@ const WRITE_HIGH: usize = 16 * 1024;
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Step {
     /// A whole head this path serves; its bytes were taken from the buffer.
-    Request(Request<()>, Head),
+    Request(Request<Option<Incoming>>, Head),
     /// Not a whole head yet.
     Partial,
     /// A head (or bytes) for hyper: the buffer is left as it was.
@@ -150,7 +150,7 @@ pub(crate) fn take_request(buf: &mut BytesMut) -> Step {
         Ok(u) => u,
         Err(_) => return decline_after_split(buf, head),
     };
-    let mut request = Request::new(());
+    let mut request = Request::new(None);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -519,7 +519,7 @@ where
     let mut out = BytesMut::new();
     loop {
         // The next head: parsed from what is buffered, else read.
-        let (req, head) = loop {
+        let (mut req, head) = loop {
             if !buf.is_empty() {
                 match take_request(&mut buf) {
                     Step::Request(req, head) => break (req, head),
@@ -551,7 +551,6 @@ where
             }
         };
         act.request_started();
-        let mut req = req.map(|()| None::<Incoming>);
         super::listener::identify(req.headers_mut(), conn.strip, conn.identity);
         // The response, unless the client leaves first (EOF with nothing
         // pipelined): then the request is cancelled, as hyper does. Not

@@ -11,7 +11,7 @@ fn take(bytes: &[u8]) -> (Step, BytesMut) {
     (step, buf)
 }
 
-fn request(bytes: &[u8]) -> (Request<()>, Head, BytesMut) {
+fn request(bytes: &[u8]) -> (Request<Option<hyper::body::Incoming>>, Head, BytesMut) {
     match take(bytes) {
         (Step::Request(r, h), rest) => (r, h, rest),
         (other, _) => panic!(
