@@ -135,6 +135,7 @@ macro_rules! tri {
 /// An `async` block rather than an `async fn`: an `async fn` moves its
 /// arguments into locals of its own on the first poll, so the request (the
 /// largest of them) would be copied once more and kept twice in the future.
+#[allow(clippy::manual_async_fn)] // deliberately not an `async fn`: see above
 pub(crate) fn handle<'a>(
     req: Request<Option<Incoming>>,
     conn: &'a ConnInfo,
