@@ -880,13 +880,20 @@ struct FastParts {
     identity: Option<(HeaderName, HeaderValue)>,
 }
 
+/// The fast path's hooks. It serves HTTP/1.1, where every writer of these
+/// counters (the fast path, and hyper's dispatcher when a request is
+/// declined to it) runs in the connection's own task, one at a time: a
+/// plain load and store cannot lose an update there, and costs no locked
+/// instruction per request. HTTP/2's streams, served on other tasks, go
+/// through [`request_started`] and [`Counted`], which use read-modify-writes.
 impl fast::Hooks for Activity {
     fn head_pending(&self) {
         self.bytes_arrived();
     }
 
     fn request_started(&self) {
-        request_started(self);
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
+        add(&self.active, 1);
     }
 
     fn response_ready(&self) {
@@ -894,13 +901,20 @@ impl fast::Hooks for Activity {
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
         // Counted before the request stops counting: the connection never
         // looks idle in between.
-        self.bodies.fetch_add(1, Ordering::Relaxed);
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        add(&self.bodies, 1);
+        add(&self.active, usize::MAX);
     }
 
     fn body_done(&self) {
-        self.bodies.fetch_sub(1, Ordering::Relaxed);
+        add(&self.bodies, usize::MAX);
     }
+}
+
+/// Adds `delta` (wrapping: `usize::MAX` subtracts one) for the only writer
+/// of `counter` (see the fast path's hooks above).
+fn add(counter: &AtomicUsize, delta: usize) {
+    let v = counter.load(Ordering::Relaxed);
+    counter.store(v.wrapping_add(delta), Ordering::Relaxed);
 }
 
 /// A request reached the service: its head is complete (the head clock
@@ -913,7 +927,12 @@ fn request_started(act: &Activity) {
 /// Its response is ready: the request ends, and the response body counts
 /// as in progress until hyper drops it.
 fn response_ready<B>(act: Arc<Activity>, resp: http::Response<B>) -> http::Response<Counted<B>> {
-    fast::Hooks::response_ready(&*act);
+    act.last_ms
+        .store(act.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    // Counted before the request stops counting: the connection never looks
+    // idle in between.
+    act.bodies.fetch_add(1, Ordering::Relaxed);
+    act.active.fetch_sub(1, Ordering::Relaxed);
     resp.map(|inner| Counted { inner, act })
 }
 
