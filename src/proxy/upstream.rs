@@ -104,7 +104,11 @@ enum CallState<'a> {
 }
 
 /// Held while an attempt (and then its response body) is using an endpoint.
-pub(crate) struct EndpointLoad(Arc<Endpoint>);
+/// The second field says whether it counts in the endpoint's `in_flight`,
+/// which only the choice between endpoints reads: an upstream with one
+/// endpoint (a sidecar's usual case) skips two atomic read-modify-writes per
+/// attempt.
+pub(crate) struct EndpointLoad(Arc<Endpoint>, bool);
 
 /// TCP connector, plus a TLS handshake when the upstream has `tls:`; times
 /// the connect (handshake included) for the route that triggered it. A
@@ -263,11 +267,11 @@ impl Upstream {
             // Two endpoints: the other one, deterministically.
             if let Some(ep) = self.endpoints.iter().find(|e| e.label != bad) {
                 ep.in_flight.fetch_add(1, Ordering::Relaxed);
-                return EndpointLoad(ep.clone());
+                return EndpointLoad(ep.clone(), true);
             }
         }
         let ep = if n <= 1 {
-            &self.endpoints[0]
+            return EndpointLoad(self.endpoints[0].clone(), false);
         } else {
             let a = fastrand::usize(..n);
             let mut b = fastrand::usize(..n - 1);
@@ -285,7 +289,7 @@ impl Upstream {
             }
         };
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
-        EndpointLoad(ep.clone())
+        EndpointLoad(ep.clone(), true)
     }
 
     /// Sends one attempt to `ep`, started at `now`: the request's path and
@@ -453,7 +457,9 @@ impl EndpointLoad {
 
 impl Drop for EndpointLoad {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.1 {
+            self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
