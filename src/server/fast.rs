@@ -519,10 +519,16 @@ where
     let mut out = BytesMut::new();
     loop {
         // The next head: parsed from what is buffered, else read.
-        let (mut req, head) = loop {
+        // Assigned where the loop breaks: a tuple of the two would be one
+        // more move of the request.
+        let head;
+        let mut req = loop {
             if !buf.is_empty() {
                 match take_request(&mut buf) {
-                    Step::Request(req, head) => break (req, head),
+                    Step::Request(r, h) => {
+                        head = h;
+                        break r;
+                    }
                     Step::Decline => return Ok(End::Declined(buf.freeze())),
                     Step::Partial if buf.len() >= conn.max_head => {
                         // hyper reads the rest and answers 431.
