@@ -243,6 +243,8 @@ pub struct Admission {
     locked: std::sync::atomic::AtomicBool,
     /// Permits held per class (only counted with more than one class).
     class_in_flight: [AtomicUsize; MAX_CLASSES],
+    /// Mirror of "more than one class" for the lock-free paths.
+    count_classes: std::sync::atomic::AtomicBool,
     /// Requests really in flight (differs from the word in shadow mode).
     real_in_flight: AtomicUsize,
     /// Mirror of `State::epoch` for `Permit::drop`.
@@ -400,6 +402,8 @@ pub enum Rejected {
 pub struct Permit {
     admission: Arc<Admission>,
     ticket: Ticket,
+    /// Counted in `class_in_flight` when granted.
+    class_counted: bool,
     /// Shadow mode: the virtual place this request holds (a queue entry, or
     /// a virtual permit once granted), released with the request.
     shadow: Option<ShadowHold>,
@@ -468,6 +472,7 @@ impl Admission {
             thresholds: std::array::from_fn(|_| AtomicUsize::new(0)),
             locked: std::sync::atomic::AtomicBool::new(false),
             class_in_flight: std::array::from_fn(|_| AtomicUsize::new(0)),
+            count_classes: std::sync::atomic::AtomicBool::new(false),
             real_in_flight: AtomicUsize::new(0),
             epoch_mirror: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
@@ -494,6 +499,8 @@ impl Admission {
         }
         let locked = st.policy.max_keys.is_some() || st.policy.shadow;
         self.locked.store(locked, Ordering::Release);
+        self.count_classes
+            .store(st.policy.reserved.len() > 1, Ordering::Release);
     }
 
     /// Changes the limits in place (hot reload). Raising the cap admits
@@ -697,13 +704,19 @@ impl Admission {
         shadow: Option<ShadowDecision>,
     ) -> Admitted {
         self.real_in_flight.fetch_add(1, Ordering::AcqRel);
-        if ticket.class > 0 || self.thresholds[1].load(Ordering::Relaxed) > 0 {
+        // With one class there is nothing to count per class: two atomic
+        // read-modify-writes fewer per request. The permit remembers
+        // whether it counted, so a reload that changes the classes
+        // meanwhile leaves the counts right.
+        let class_counted = ticket.class > 0 || self.count_classes.load(Ordering::Relaxed);
+        if class_counted {
             self.class_in_flight[ticket.class.min(MAX_CLASSES - 1)].fetch_add(1, Ordering::Relaxed);
         }
         Admitted {
             permit: Permit {
                 admission: Arc::clone(self),
                 ticket,
+                class_counted,
                 shadow: None,
                 epoch: self.epoch(),
             },
@@ -1576,7 +1589,7 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let adm = &self.admission;
         adm.real_in_flight.fetch_sub(1, Ordering::AcqRel);
-        if self.ticket.class > 0 || adm.thresholds[1].load(Ordering::Relaxed) > 0 {
+        if self.class_counted {
             let _ = adm.class_in_flight[self.ticket.class.min(MAX_CLASSES - 1)].fetch_update(
                 Ordering::Relaxed,
                 Ordering::Relaxed,
@@ -2225,6 +2238,26 @@ mod tests {
         adm.acquire_as(Ticket { class, key }, None)
             .await
             .expect("admitted")
+    }
+
+    /// One class counts nothing per class; a reload to three classes while
+    /// such a permit is held counts only what was granted after it, so the
+    /// early permit's release takes nothing from a later one's class.
+    #[tokio::test(start_paused = true)]
+    async fn class_counts_follow_the_classes_a_permit_was_granted_under() {
+        let adm = Admission::with_policy(limits(10, 10, 10_000), policy(&[0.0], None, false));
+        let early = now_as(&adm, 0, 0).await;
+        assert!(!early.permit.class_counted);
+        adm.set_policy(policy(&[0.2, 0.0, 0.0], None, false));
+        let later = now_as(&adm, 0, 0).await;
+        let other = now_as(&adm, 2, 0).await;
+        assert_eq!(adm.stats().class_in_flight, vec![1, 0, 1]);
+        drop(early);
+        assert_eq!(adm.stats().class_in_flight, vec![1, 0, 1]);
+        drop(later);
+        drop(other);
+        assert_eq!(adm.stats().class_in_flight, vec![0, 0, 0]);
+        assert_eq!(adm.stats().in_flight, 0);
     }
 
     #[tokio::test(start_paused = true)]
