@@ -3,6 +3,8 @@
 # usage: benches/load/per_request.sh BINARY [callgrind|dhat]
 # `spillway run` with spillway-core.yaml under valgrind, in front of
 # `spillway upstream --body-bytes 64` (the same binary, not under valgrind);
+# NGINX=1 puts nginx with nginx-proxy.conf (one process: no master) under
+# valgrind instead, in front of the same upstream, for comparison;
 # seq_client.py sends 20 requests to warm the upstream pool, then N1 and, in
 # a fresh proxy, N2; (total(N2) - total(N1)) / (N2 - N1) leaves startup and
 # shutdown out. dhat sees only the system allocator: give it a
@@ -48,8 +50,17 @@ for n in "$N1" "$N2"; do
     dhat) args=(--tool=dhat "--dhat-out-file=$WORK/dhat.$n.out") ;;
     *) echo "unknown tool $TOOL" >&2; exit 2 ;;
   esac
-  SPILLWAY_LOG=warn valgrind "${args[@]}" "$BIN" run --config "$WORK/core.yaml" \
-    > "$WORK/proxy.$n.log" 2>&1 &
+  if [ "${NGINX:-0}" = 1 ]; then
+    mkdir -p "$WORK/nginx-proxy-tmp"
+    sed -e "s|@WORK@|$WORK|g; s/@PORT@/$P/; s/@UPSTREAM@/127.0.0.1:$UP/" \
+      -e "s/^master_process on;/master_process off;/" \
+      "$HERE/nginx-proxy.conf" > "$WORK/nginx.conf"
+    valgrind "${args[@]}" nginx -p "$WORK" -e "$WORK/nginx.error.log" -c "$WORK/nginx.conf" \
+      > "$WORK/proxy.$n.log" 2>&1 &
+  else
+    SPILLWAY_LOG=warn valgrind "${args[@]}" "$BIN" run --config "$WORK/core.yaml" \
+      > "$WORK/proxy.$n.log" 2>&1 &
+  fi
   PROXY_PID=$!
   wait_port "$P"
   python3 "$HERE/seq_client.py" "$P" 20 1
