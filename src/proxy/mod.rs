@@ -181,7 +181,7 @@ pub(crate) fn handle<'a>(
         // line, not a function of their own: its future would be one more level
         // for the request to be moved into.
         let staged: Result<Response<ProxyBody>, ProxyError> = 'stages: {
-            // Nothing waited since arrival: the first attempt starts then.
+            // Something was awaited since arrival (a queue, a body).
             let mut waited = false;
             let admitted = match tri!('stages, admit(ctx, req.headers(), scan.content_length)) {
                 Admit::Now(a) => a,
@@ -217,10 +217,10 @@ pub(crate) fn handle<'a>(
                 n += 1;
                 // Attempt: a breaker ticket, an endpoint, the per-try deadline, the
                 // call. Inline rather than a function of its own, whose future
-                // would be one more level to build, move and poll.
-                // The request's arrival is the first attempt's start when
-                // nothing was awaited in between (a few microseconds of
-                // routing and admission): one clock read fewer per request.
+                // would be one more level to build, move and poll. The first
+                // attempt starts at the request's arrival when nothing was
+                // awaited in between (a few microseconds of routing and
+                // admission): one clock read fewer per request.
                 let now = if n == 1 && !waited {
                     arrival
                 } else {

@@ -880,59 +880,94 @@ struct FastParts {
     identity: Option<(HeaderName, HeaderValue)>,
 }
 
-/// The fast path's hooks. It serves HTTP/1.1, where every writer of these
-/// counters (the fast path, and hyper's dispatcher when a request is
-/// declined to it) runs in the connection's own task, one at a time: a
-/// plain load and store cannot lose an update there, and costs no locked
-/// instruction per request. HTTP/2's streams, served on other tasks, go
-/// through [`request_started`] and [`Counted`], which use read-modify-writes.
+/// Who writes an [`Activity`]'s counters.
+#[derive(Clone, Copy)]
+enum Writer {
+    /// The fast path. It serves HTTP/1.1, where every writer of the counters
+    /// (the fast path, and hyper's dispatcher when a request is declined to
+    /// it) runs in the connection's own task, one at a time: a plain load and
+    /// store cannot lose an update, and costs no locked instruction per
+    /// request.
+    Only,
+    /// hyper's service: HTTP/2 streams run on other tasks.
+    Shared,
+}
+
+impl Writer {
+    /// Adds one to `counter`, or subtracts one when `up` is false.
+    fn step(self, counter: &AtomicUsize, up: bool) {
+        match (self, up) {
+            (Writer::Only, _) => {
+                let v = counter.load(Ordering::Relaxed);
+                let v = if up {
+                    v.wrapping_add(1)
+                } else {
+                    v.wrapping_sub(1)
+                };
+                counter.store(v, Ordering::Relaxed);
+            }
+            (Writer::Shared, true) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            (Writer::Shared, false) => {
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Activity {
+    /// A request reached the service: its head is complete (the head clock
+    /// stops) and it is in progress.
+    fn started(&self, w: Writer) {
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
+        w.step(&self.active, true);
+    }
+
+    /// Its response is ready: the request ends, and the response body counts
+    /// as in progress until it is done with.
+    fn responded(&self, w: Writer) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        // Counted before the request stops counting: the connection never
+        // looks idle in between.
+        w.step(&self.bodies, true);
+        w.step(&self.active, false);
+    }
+
+    /// The response body is done with.
+    fn body_ended(&self, w: Writer) {
+        w.step(&self.bodies, false);
+    }
+}
+
 impl fast::Hooks for Activity {
     fn head_pending(&self) {
         self.bytes_arrived();
     }
 
     fn request_started(&self) {
-        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
-        add(&self.active, 1);
+        self.started(Writer::Only);
     }
 
     fn response_ready(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        // Counted before the request stops counting: the connection never
-        // looks idle in between.
-        add(&self.bodies, 1);
-        add(&self.active, usize::MAX);
+        self.responded(Writer::Only);
     }
 
     fn body_done(&self) {
-        add(&self.bodies, usize::MAX);
+        self.body_ended(Writer::Only);
     }
 }
 
-/// Adds `delta` (wrapping: `usize::MAX` subtracts one) for the only writer
-/// of `counter` (see the fast path's hooks above).
-fn add(counter: &AtomicUsize, delta: usize) {
-    let v = counter.load(Ordering::Relaxed);
-    counter.store(v.wrapping_add(delta), Ordering::Relaxed);
-}
-
-/// A request reached the service: its head is complete (the head clock
-/// stops) and it is in progress.
+/// hyper's service: a request reached it.
 fn request_started(act: &Activity) {
-    act.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
-    act.active.fetch_add(1, Ordering::Relaxed);
+    act.started(Writer::Shared);
 }
 
-/// Its response is ready: the request ends, and the response body counts
-/// as in progress until hyper drops it.
+/// hyper's service: its response is ready; the body counts until hyper
+/// drops it.
 fn response_ready<B>(act: Arc<Activity>, resp: http::Response<B>) -> http::Response<Counted<B>> {
-    act.last_ms
-        .store(act.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    // Counted before the request stops counting: the connection never looks
-    // idle in between.
-    act.bodies.fetch_add(1, Ordering::Relaxed);
-    act.active.fetch_sub(1, Ordering::Relaxed);
+    act.responded(Writer::Shared);
     resp.map(|inner| Counted { inner, act })
 }
 
@@ -964,7 +999,7 @@ impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
 
 impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
-        self.act.bodies.fetch_sub(1, Ordering::Relaxed);
+        self.act.body_ended(Writer::Shared);
     }
 }
 
