@@ -1,8 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# Spillway's container image: the `dist` binary (fat LTO, the build the
-# benchmarks in docs/benchmarks.md measure) and the default config on
-# distroless/cc (glibc and libgcc, no shell, no package manager), as uid 65532.
+# Spillway's container image: the profile-guided `dist` binary (fat LTO,
+# trained by scripts/pgo-build.sh: the build the core benchmarks in
+# docs/benchmarks.md measure) and the default config on distroless/cc (glibc
+# and libgcc, no shell, no package manager), as uid 65532. The profile-guided
+# build compiles twice and runs a short training load on 127.0.0.1 inside the
+# build stage; `--build-arg PGO=0` builds plain `dist` once.
 #
 #   docker build -t spillway:0.1.0 .
 #   docker run --rm -p 8080:8080 -v "$PWD/my.yaml:/etc/spillway/spillway.yaml:ro" spillway:0.1.0
@@ -14,13 +17,18 @@
 ARG RUST_VERSION=1
 
 FROM rust:${RUST_VERSION}-bookworm AS build
+ARG PGO=1
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and target dir between builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --profile dist --locked --bin spillway \
- && install -D -m 0755 target/dist/spillway /out/usr/local/bin/spillway \
+    if [ "$PGO" = 1 ]; then \
+      bash scripts/pgo-build.sh && bin=target/pgo/spillway; \
+    else \
+      cargo build --profile dist --locked --bin spillway && bin=target/dist/spillway; \
+    fi \
+ && install -D -m 0755 "$bin" /out/usr/local/bin/spillway \
  && install -D -m 0644 config/spillway.yaml /out/etc/spillway/spillway.yaml
 
 # TLS is rustls with ring: no OpenSSL needed, glibc and libgcc (unwinding) are.
