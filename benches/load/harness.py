@@ -33,6 +33,9 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SPILLWAY = os.environ.get("SPILLWAY_BIN", os.path.join(ROOT, "target", "dist", "spillway"))
+# The `spillway-plain` core target: the same source built without the profile
+# (PGO=1 runs measure target/pgo/spillway as `spillway`).
+SPILLWAY_PLAIN = os.environ.get("SPILLWAY_PLAIN_BIN", os.path.join(ROOT, "target", "dist", "spillway"))
 OHA = os.environ.get("OHA_BIN") or shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = int(os.environ.get("DURATION", "10"))  # seconds per measured run
@@ -55,8 +58,10 @@ OVERLOAD_MULTS = [int(m) for m in os.environ.get("OVERLOAD_MULTS", "1,2,4").spli
 
 CORE_TARGETS = ["direct", "nginx", "haproxy", "spillway"]
 # Not run unless named in TARGETS: Spillway with `http1_fast_path: false`
-# (hyper serves every request), to measure what the fast path buys.
-CORE_EXTRA = ["spillway-hyper"]
+# (hyper serves every request), to measure what the fast path buys, and
+# `spillway-plain`, SPILLWAY_PLAIN_BIN with the same config, to measure what
+# the profile-guided build buys.
+CORE_EXTRA = ["spillway-hyper", "spillway-plain"]
 OVERLOAD_TARGETS = ["direct", "haproxy", "nginx", "spillway-fifo", "spillway-lifo"]
 
 WORK = None
@@ -335,7 +340,8 @@ def proxy_config(target, up_port, overload):
                     raise RuntimeError(f"no `{bind.strip()}` in {conf}")
                 with open(conf, "w") as f:
                     f.write(text.replace(bind, bind + "    http1_fast_path: false\n", 1))
-        return [SPILLWAY, "run", "--config", conf], port, admin
+        binary = SPILLWAY_PLAIN if target == "spillway-plain" else SPILLWAY
+        return [binary, "run", "--config", conf], port, admin
     raise RuntimeError(target)
 
 
@@ -346,9 +352,9 @@ def check_config(target, argv):
     elif target == "haproxy":
         cmd = ["haproxy", "-c", "-q", "-f", argv[-1]]
     else:
-        if not os.access(SPILLWAY, os.X_OK):
-            return f"{SPILLWAY} not built"
-        cmd = [SPILLWAY, "check", "--config", argv[-1]]
+        if not os.access(argv[0], os.X_OK):
+            return f"{argv[0]} not built"
+        cmd = [argv[0], "check", "--config", argv[-1]]
     r = subprocess.run(cmd, capture_output=True, timeout=30)
     if r.returncode != 0:
         return (r.stdout + r.stderr).decode(errors="replace").strip()

@@ -2,7 +2,8 @@
 # Spillway load benchmarks.
 # usage: benches/load/run.sh [core|overload|priority|all|h2|bodies|routes|idle|protocols]
 # Installs what it needs by package name, builds Spillway with the `dist` profile
-# (fat LTO, what the Docker image ships; PROFILE=release for the faster build) and
+# (fat LTO; PROFILE=release for the faster build; PGO=1 profile-guided, what the
+# Docker image ships: scripts/pgo-build.sh) and
 # runs harness.py (python3, standard library only); h2, bodies, routes and idle
 # (protocols = all four) run protocols.py, built on it. See benches/load/README.md.
 set -euo pipefail
@@ -57,10 +58,18 @@ fi
 
 # --- Spillway ---------------------------------------------------------------
 PROFILE="${PROFILE:-dist}"
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  (cd "$ROOT" && cargo build --profile "$PROFILE" --locked >&2)
+if [ "${PGO:-0}" = 1 ]; then
+  # profile-guided build of the same profile (scripts/pgo-build.sh)
+  if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    PROFILE="$PROFILE" bash "$ROOT/scripts/pgo-build.sh"
+  fi
+  export SPILLWAY_BIN="${SPILLWAY_BIN:-$ROOT/target/pgo/spillway}"
+else
+  if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    (cd "$ROOT" && cargo build --profile "$PROFILE" --locked >&2)
+  fi
+  export SPILLWAY_BIN="${SPILLWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/spillway}"
 fi
-export SPILLWAY_BIN="${SPILLWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE/spillway}"
 
 case "$SCENARIO" in
   h2|bodies|routes|idle|protocols) exec python3 "$HERE/protocols.py" "$SCENARIO" ;;
