@@ -55,13 +55,15 @@ build "-Cprofile-generate=$OUT/train/discard" "$OUT/gen"
 BIN="$OUT/gen/$HOST/$PROFILE/spillway"
 
 # --- training load --------------------------------------------------------------
-# `port NAME` sets NAME to a free port: one nothing answers on, not handed
+# `port NAME` sets NAME to a free port: below the kernel's ephemeral range
+# (so no outgoing connection holds it), one nothing answers on, not handed
 # out before.
+EPHEMERAL_LOW="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
 USED=" "
 port() {
   local p
   while :; do
-    p=$((20000 + RANDOM % 40000))
+    p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
     [[ "$USED" == *" $p "* ]] && continue
     (echo > "/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
     USED+="$p "; printf -v "$1" '%s' "$p"; return 0

@@ -38,7 +38,6 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -258,7 +257,9 @@ impl Drop for SimUpstream {
 
 /// Starts the simulated upstream on `bind` (use port 0 for any).
 pub async fn start_upstream(bind: SocketAddr, cfg: SimConfig) -> std::io::Result<SimUpstream> {
-    let listener = TcpListener::bind(bind).await?;
+    // The proxy's backlog: with tokio's 128, a proxy filling its pool in a
+    // burst has SYNs dropped and waits a second (or hits its connect timeout).
+    let listener = crate::app::bind(bind)?;
     let addr = listener.local_addr()?;
     let stats = Arc::new(SimStats::default());
     let st = stats.clone();
