@@ -201,7 +201,7 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Connections the kernel completes before they are accepted (capped by
 /// `net.core.somaxconn`).
-pub(crate) const LISTEN_BACKLOG: i32 = 1024;
+const LISTEN_BACKLOG: i32 = 1024;
 
 // === impl RunningProxy ===
 

@@ -257,8 +257,7 @@ impl Drop for SimUpstream {
 
 /// Starts the simulated upstream on `bind` (use port 0 for any).
 pub async fn start_upstream(bind: SocketAddr, cfg: SimConfig) -> std::io::Result<SimUpstream> {
-    // The proxy's backlog: with tokio's 128, a proxy filling its pool in a
-    // burst has SYNs dropped and waits a second (or hits its connect timeout).
+    // The proxy's own listener, for its backlog (see `app::bind`).
     let listener = crate::app::bind(bind)?;
     let addr = listener.local_addr()?;
     let stats = Arc::new(SimStats::default());
